@@ -1,0 +1,49 @@
+"""Trainer callbacks: the structured log (log.jsonl) that reports and plots are built from."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends one JSON line per Trainer log: step, loss, lr, real (non-pad) tokens/s."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._last_time: float | None = None
+        self._last_tokens = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._last_time = time.perf_counter()
+        self._last_tokens = state.num_input_tokens_seen
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
+            return
+        now = time.perf_counter()
+        tokens = state.num_input_tokens_seen
+        elapsed = now - (self._last_time or now)
+        record = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "loss": logs["loss"],
+            "lr": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "tokens_seen": tokens,
+            "tokens_per_second": (tokens - self._last_tokens) / elapsed if elapsed > 0 else None,
+            "time": time.time(),
+        }
+        self._last_time, self._last_tokens = now, tokens
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

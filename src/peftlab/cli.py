@@ -1,0 +1,97 @@
+"""Command line: each subcommand parses, loads the config, and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from peftlab.errors import PeftlabError
+
+
+def _preset(name: str) -> Path:
+    return Path(str(resources.files("peftlab") / "presets" / f"{name}.yaml"))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from peftlab.config import load_config
+    from peftlab.reports.table import before_after_rows, render_text
+    from peftlab.training import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, progress=not args.quiet)
+    print()
+    print(render_text(before_after_rows(result.metrics)))
+    print(f"\nrun folder: {result.run_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from peftlab.config import load_config
+    from peftlab.reports.table import before_after_rows, render_markdown, render_text
+    from peftlab.runs import atomic_write_text
+    from peftlab.training import train
+
+    cfg = load_config(_preset("demo"), args.overrides)
+    print(
+        f"demo: {cfg.method.name} on {cfg.model.name}; train on {cfg.data.train_path} "
+        f"(first {cfg.data.max_train_tokens} tokens), evaluate on {cfg.data.eval_path} "
+        f"(first {cfg.data.max_eval_tokens} tokens)"
+    )
+    result = train(cfg, progress=not args.quiet)
+    rows = before_after_rows(result.metrics)
+    atomic_write_text(result.run_dir / "report.md", render_markdown(rows) + "\n")
+    print()
+    print(render_text(rows))
+    base, tuned = result.metrics.get("base", {}), result.metrics.get("tuned", {})
+    if base and tuned:
+        change = 100 * (tuned["perplexity"] / base["perplexity"] - 1)
+        print(f"\nheld-out perplexity {base['perplexity']:.2f} -> {tuned['perplexity']:.2f} ({change:+.1f}%)")
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from peftlab.methods import get_method, method_names
+
+    for name in method_names():
+        print(f"{name:16s} {get_method(name).summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune as a config says; key.sub=value overrides follow it")
+    p.add_argument("config", help="a YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="overrides such as method.r=16 train.max_steps=50")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="a short real LoRA fine-tune of the embedded SmolLM2 with a before/after table")
+    p.add_argument("overrides", nargs="*", help="overrides of the demo config, e.g. train.max_steps=5")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list the registered fine-tuning methods")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PeftlabError as exc:
+        print(f"peftlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

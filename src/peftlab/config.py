@@ -1,0 +1,231 @@
+"""Run configuration: typed sections loaded from YAML, with `key.sub=value` overrides.
+
+Every section forbids unknown keys, so a typo fails early with the nearest valid key named. The
+`method` section is validated by the config model of the method it names (see methods/registry.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from peftlab.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="A built-in alias (smollm2-135m-instruct), a hub id, a local folder, or a .gguf file.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `name` when `name` is a folder or hub id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; auto picks bf16 on hardware that runs it fast, else fp32."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda, then mps, then cpu.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub; off unless you trust it.")
+
+
+class DataConfig(Section):
+    kind: Literal["text"] = Field("text", description="Record kind: raw text for language modelling.")
+    train_path: str = Field(..., description="A text file or a folder of .txt/.raw files to train on.")
+    eval_path: str | None = Field(None, description="Held-out text to evaluate perplexity on.")
+    block_size: int = Field(512, ge=2, description="Tokens per training block.")
+    document_split: Literal["file", "blank_lines", "wikitext_headings"] = Field(
+        "wikitext_headings",
+        description="How a raw text file is cut into documents: one per file, at blank lines, "
+        "or at wikitext top-level headings (' = Title = ').",
+    )
+    keep_documents_apart: bool = Field(
+        False,
+        description="False: concatenate documents (EOS between) and cut into full blocks (the classic "
+        "recipe). True: each document is cut into its own blocks, the last one padded.",
+    )
+    max_train_tokens: int | None = Field(None, ge=1, description="Cut the training token stream to this many tokens.")
+    max_eval_tokens: int | None = Field(None, ge=2, description="Evaluate on the first N tokens of eval_path only.")
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training blocks (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(4, ge=1, description="Blocks per micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(42, description="Seed for python, numpy, torch and the data order.")
+    save_steps: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    logging_steps: int = Field(1, ge=1)
+
+
+class EvalConfig(Section):
+    enabled: bool = Field(True, description="Evaluate the base and the tuned model with the same code.")
+    window: int = Field(512, ge=2, description="Sliding-window length L for perplexity.")
+    stride: int = Field(256, ge=1, description="Sliding-window stride S (S <= L); each token is scored once.")
+    batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> EvalConfig:
+        if self.stride > self.window:
+            raise ValueError(f"eval.stride ({self.stride}) must be <= eval.window ({self.window})")
+        return self
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs", description="Folder that holds run folders.")
+    name: str | None = Field(None, description="Run folder name; default '<method>-<timestamp>'.")
+
+
+class MethodConfig(Section):
+    """Base of every method's config; each method subclasses it (methods/<name>.py)."""
+
+    name: str = Field(..., description="A registered method name.")
+
+
+class RunConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    method: SerializeAsAny[MethodConfig]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_by_name(cls, value: Any) -> Any:
+        if isinstance(value, MethodConfig):
+            return value
+        if not isinstance(value, dict) or "name" not in value:
+            raise ValueError("method needs a 'name' (a registered method)")
+        from peftlab.methods import get_method
+
+        return get_method(str(value["name"])).config_cls.model_validate(value)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ['method.r=16', 'train.lr=1e-4'] into a nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw_value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        except yaml.YAMLError:
+            value = raw_value
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r} sets a key inside {part!r}, which is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model, data, method, ...)")
+    return loaded
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+    """Load a RunConfig from YAML (or `base`) plus `key.sub=value` overrides; errors are one line."""
+    raw = dict(base or {})
+    if path is not None:
+        raw = deep_merge(raw, read_yaml(path))
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> RunConfig:
+    _check_unknown_keys(raw, RunConfig, "")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_first_error_line(exc)) from None
+
+
+def _section_class(cls: type[BaseModel], key: str, value: Any) -> type[BaseModel] | None:
+    if cls is RunConfig and key == "method":
+        from peftlab.methods import get_method
+
+        if isinstance(value, dict) and "name" in value:
+            return get_method(str(value["name"])).config_cls
+        return None
+    annotation = cls.model_fields[key].annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _check_unknown_keys(raw: Any, cls: type[BaseModel], prefix: str) -> None:
+    if not isinstance(raw, dict):
+        return
+    valid = list(cls.model_fields)
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in cls.model_fields:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            close = close or [v for v in valid if str(key).startswith(v) or v.startswith(str(key))][:1]
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        sub = _section_class(cls, key, value)
+        if sub is not None:
+            _check_unknown_keys(value, sub, f"{dotted}.")
+
+
+def _first_error_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"missing required config key '{loc}'"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{loc}: {msg}{shown}" if loc else msg

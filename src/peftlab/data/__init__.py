@@ -1,0 +1,1 @@
+"""Data: load sources, normalise records, tokenise, and pack into training blocks."""

@@ -1,0 +1,1 @@
+"""Evaluation: the same code scores the base and the tuned model."""

@@ -1,0 +1,109 @@
+"""Perplexity and token accuracy with a sliding window; every predicted token is scored once.
+
+Definition: the token stream x_0..x_{N-1} has N-1 predicted tokens (x_0 has no context). Windows
+start at 0, S, 2S, ...; a window feeds up to L tokens x_b..x_{e-1} and its logits predict
+x_{b+1}..x_e. Targets that an earlier window already scored are masked, so each token counts once,
+the first window is fully scored, and with S < L every later target sees at least L-S tokens of
+context. Perplexity = exp(sum NLL / tokens scored); padding never counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMScores:
+    nll_sum: float  # natural-log negative log-likelihood summed over scored tokens
+    tokens: int  # tokens scored
+    correct: int  # scored tokens whose argmax prediction equals the target
+    window: int
+    stride: int
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+    @property
+    def token_accuracy(self) -> float:
+        return self.correct / self.tokens
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            **asdict(self),
+            "mean_nll": self.mean_nll,
+            "perplexity": self.perplexity,
+            "token_accuracy": self.token_accuracy,
+        }
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) per window: inputs ids[begin:end] predict ids[begin+1:end+1];
+    targets at positions >= first_scored (absolute) are scored in this window."""
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window], got stride={stride}, window={window}")
+    spans = []
+    last_target = n_tokens - 1  # index of the last token, the last one predicted
+    scored_until = 1  # targets at positions < scored_until are already scored (x_0 never is)
+    begin = 0
+    while scored_until <= last_target:
+        end = min(begin + window, last_target)  # inputs ids[begin:end], targets ids[begin+1:end+1]
+        spans.append((begin, end, scored_until))
+        scored_until = end + 1
+        begin += stride
+    return spans
+
+
+@torch.no_grad()
+def score_tokens(
+    model: torch.nn.Module,
+    ids: list[int],
+    window: int,
+    stride: int,
+    batch_size: int = 4,
+    pad_id: int = 0,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> LMScores:
+    """Sum NLL and argmax hits over every predicted token of `ids`, windows batched."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    spans = sliding_windows(len(ids), window, stride)
+    tokens = torch.tensor(ids, dtype=torch.long)
+    nll_sum, scored, correct = 0.0, 0, 0
+    batches = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False):
+        width = max(end - begin for begin, end, _ in batch)
+        inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
+        targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (begin, end, first) in enumerate(batch):
+            n = end - begin
+            inputs[row, :n] = tokens[begin:end]
+            target_row = tokens[begin + 1 : end + 1].clone()
+            target_row[: first - (begin + 1)] = IGNORE_INDEX  # already scored by an earlier window
+            targets[row, :n] = target_row
+            mask[row, :n] = 1
+        logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits.float()  # [B, T, V]
+        targets = targets.to(device)
+        nll = torch.nn.functional.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        valid = targets != IGNORE_INDEX
+        nll_sum += nll.item()
+        scored += int(valid.sum())
+        correct += int(((logits.argmax(-1) == targets) & valid).sum())
+    model.train(was_training)
+    assert scored == len(ids) - 1, f"scored {scored} tokens, expected {len(ids) - 1}"
+    return LMScores(nll_sum, scored, correct, window, stride)

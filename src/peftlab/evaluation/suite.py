@@ -1,0 +1,32 @@
+"""The evaluation that every run applies to the base and the tuned model, with the same code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peftlab.config import EvalConfig
+from peftlab.evaluation.perplexity import score_tokens
+
+
+@dataclass
+class EvalData:
+    """What the evaluation scores: a held-out token stream and where it came from."""
+
+    ids: list[int]
+    source: str
+
+
+def evaluate_lm(model: torch.nn.Module, tokenizer: Any, data: EvalData, cfg: EvalConfig, label: str) -> dict[str, Any]:
+    scores = score_tokens(
+        model,
+        data.ids,
+        window=cfg.window,
+        stride=cfg.stride,
+        batch_size=cfg.batch_size,
+        pad_id=tokenizer.pad_token_id or 0,
+        desc=f"eval {label}",
+    )
+    return {**scores.as_dict(), "source": data.source, "metric": "token-level perplexity, sliding window"}

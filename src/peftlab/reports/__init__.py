@@ -1,0 +1,1 @@
+"""Reports built only from run folders: tables and plots."""

@@ -1,0 +1,179 @@
+"""train(cfg) -> RunResult: the one training path for every method.
+
+Read top to bottom: seed -> resolve model -> data -> run folder -> load -> base eval -> method
+prepares the model -> Trainer -> tuned eval -> save -> metrics. The method supplies preparation,
+load options and (if it needs one) the optimizer; nothing here tests a method's name.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+
+from peftlab.callbacks import JsonlLogger, read_log
+from peftlab.config import RunConfig
+from peftlab.data.lm import build_eval_tokens, build_train_blocks
+from peftlab.data.packing import BlockDataset
+from peftlab.evaluation.suite import EvalData, evaluate_lm
+from peftlab.methods import get_method
+from peftlab.models import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_source
+from peftlab.params import count_parameters
+from peftlab.reports.plots import plot_loss
+from peftlab.resources import ResourceMonitor, gib
+from peftlab.runs import atomic_write_json, atomic_write_text, base_manifest, create_run_dir, now_iso
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str
+    metrics: dict[str, Any]
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    return cfg.output.name or f"{cfg.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def training_arguments(cfg: RunConfig, run_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool) -> TrainingArguments:
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum_steps,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=dtype == torch.bfloat16 and device.type == "cuda",
+        use_cpu=device.type == "cpu",
+        report_to=[],
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def train(cfg: RunConfig, progress: bool = True) -> RunResult:
+    spec = get_method(cfg.method.name)
+    set_seed(cfg.train.seed)
+    device = pick_device(cfg.model.device)
+    dtype = pick_dtype(cfg.model.dtype, device)
+    source = resolve_source(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+
+    # Data first: bad data fails before a run folder or a model exists.
+    blocks = build_train_blocks(cfg.data, tokenizer)
+    eval_data = None
+    if cfg.eval.enabled:
+        ids, _ = build_eval_tokens(cfg.data, tokenizer)
+        eval_data = EvalData(ids, str(cfg.data.eval_path))
+
+    run_dir = create_run_dir(cfg.output.dir, default_run_name(cfg))
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    manifest = {
+        **base_manifest(cfg.train.seed),
+        "run_dir": str(run_dir),
+        "method": cfg.method.name,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": {"name": cfg.model.name, "source": source.description, "fingerprint": model_fingerprint(source)},
+        "data": {
+            "train_path": cfg.data.train_path,
+            "train_blocks": len(blocks),
+            "train_real_tokens": blocks.real_tokens,
+            "padding_waste": blocks.padding_waste,
+            "eval_path": cfg.data.eval_path,
+            "eval_tokens": len(eval_data.ids) if eval_data else 0,
+        },
+    }
+    atomic_write_json(run_dir / "manifest.json", manifest)
+    print(f"run folder: {run_dir}")
+    try:
+        metrics = _run(cfg, spec, run_dir, tokenizer, source, device, dtype, blocks, eval_data, progress)
+    except BaseException as exc:
+        manifest.update(
+            status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+            finished_at=now_iso(),
+            error=f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__,
+            traceback=traceback.format_exception(exc)[-3:],
+        )
+        atomic_write_json(run_dir / "manifest.json", manifest)
+        raise
+    manifest.update(status="completed", finished_at=now_iso())
+    atomic_write_json(run_dir / "manifest.json", manifest)
+    return RunResult(run_dir, "completed", metrics)
+
+
+def _run(cfg, spec, run_dir, tokenizer, source, device, dtype, blocks, eval_data, progress) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    load_options = spec.load_options(cfg.method) if spec.load_options else {}
+    model = load_model(source, cfg.model, device, dtype, load_options)
+    metrics: dict[str, Any] = {"method": cfg.method.name}
+    if eval_data is not None:
+        metrics["base"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "base")
+
+    model = spec.prepare(model, cfg.method)
+    counts = count_parameters(model)
+    print(counts.line())
+    if cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # so checkpointed blocks see a grad path with a frozen base
+    optimizer = spec.make_optimizer(model, cfg.method, cfg.train) if spec.make_optimizer else None
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, run_dir, device, dtype, progress),
+        train_dataset=BlockDataset(blocks),
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),
+        callbacks=[JsonlLogger(run_dir / "log.jsonl")],
+    )
+    with ResourceMonitor() as monitor:
+        started = time.perf_counter()
+        output = trainer.train()
+        train_seconds = time.perf_counter() - started
+    tokens_seen = trainer.state.num_input_tokens_seen
+
+    if eval_data is not None:
+        metrics["tuned"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "tuned")
+    artefact = run_dir / spec.artifact
+    model.save_pretrained(artefact, safe_serialization=True)
+    tokenizer.save_pretrained(artefact)
+
+    log = read_log(run_dir / "log.jsonl")
+    losses = [r["loss"] for r in log]
+    metrics.update(
+        trainable_params=counts.trainable,
+        total_params=counts.total,
+        trainable_percent=counts.percent,
+        train_steps=trainer.state.global_step,
+        train_loss=output.training_loss,
+        first_logged_loss=losses[0] if losses else None,
+        final_logged_loss=losses[-1] if losses else None,
+        train_seconds=train_seconds,
+        seconds_per_epoch=train_seconds / max(trainer.state.epoch or 1.0, 1e-9),
+        real_tokens_trained=tokens_seen,
+        tokens_per_second=tokens_seen / train_seconds if train_seconds > 0 else None,
+        memory=monitor.as_dict(),
+        artefact=str(artefact.relative_to(run_dir)),
+    )
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    if losses:
+        plot_loss(log, run_dir / "plots" / "loss.png", title=f"{cfg.method.name} on {Path(cfg.data.train_path).name}")
+    print(f"train: {train_seconds:.1f} s, {metrics['tokens_per_second'] or 0:.0f} real tokens/s, peak RSS {gib(monitor.peak_rss)}")
+    return metrics
