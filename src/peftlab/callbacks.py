@@ -22,7 +22,9 @@ class JsonlLogger(TrainerCallback):
         self._last_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
         now = time.perf_counter()

@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="a short real LoRA fine-tune of the embedded SmolLM2 with a before/after table")
+    p = sub.add_parser(
+        "demo", help="a short real LoRA fine-tune of the embedded SmolLM2 with a before/after table"
+    )
     p.add_argument("overrides", nargs="*", help="overrides of the demo config, e.g. train.max_steps=5")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
@@ -83,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return int(args.func(args))
     except PeftlabError as exc:

@@ -7,11 +7,20 @@ Every section forbids unknown keys, so a typo fails early with the nearest valid
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from peftlab.errors import ConfigError
 
@@ -27,13 +36,19 @@ class ModelConfig(Section):
         "smollm2-135m-instruct",
         description="A built-in alias (smollm2-135m-instruct), a hub id, a local folder, or a .gguf file.",
     )
-    gguf_file: str | None = Field(None, description="GGUF file name inside `name` when `name` is a folder or hub id.")
+    gguf_file: str | None = Field(
+        None, description="GGUF file name inside `name` when `name` is a folder or hub id."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype; auto picks bf16 on hardware that runs it fast, else fp32."
     )
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda, then mps, then cpu.")
-    trust_remote_code: bool = Field(False, description="Run model code from the hub; off unless you trust it.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: cuda, then mps, then cpu."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code from the hub; off unless you trust it."
+    )
 
 
 class DataConfig(Section):
@@ -51,12 +66,18 @@ class DataConfig(Section):
         description="False: concatenate documents (EOS between) and cut into full blocks (the classic "
         "recipe). True: each document is cut into its own blocks, the last one padded.",
     )
-    max_train_tokens: int | None = Field(None, ge=1, description="Cut the training token stream to this many tokens.")
-    max_eval_tokens: int | None = Field(None, ge=2, description="Evaluate on the first N tokens of eval_path only.")
+    max_train_tokens: int | None = Field(
+        None, ge=1, description="Cut the training token stream to this many tokens."
+    )
+    max_eval_tokens: int | None = Field(
+        None, ge=2, description="Evaluate on the first N tokens of eval_path only."
+    )
 
 
 class TrainConfig(Section):
-    epochs: float = Field(1.0, gt=0, description="Passes over the training blocks (ignored when max_steps is set).")
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training blocks (ignored when max_steps is set)."
+    )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     batch_size: int = Field(4, ge=1, description="Blocks per micro-batch.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -65,7 +86,9 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
     seed: int = Field(42, description="Seed for python, numpy, torch and the data order.")
     save_steps: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
@@ -119,6 +142,8 @@ class RunConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
 # --- loading -----------------------------------------------------------------------------------
 
 
@@ -134,6 +159,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw_value) if raw_value.strip() else None
         except yaml.YAMLError:
             value = raw_value
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads '1e-4' (no dot) as a string
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -174,7 +201,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
     """Load a RunConfig from YAML (or `base`) plus `key.sub=value` overrides; errors are one line."""
     raw = dict(base or {})
     if path is not None:

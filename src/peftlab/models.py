@@ -122,11 +122,15 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         return ModelSource(str(converted_gguf_folder(path)), f"GGUF file {path}")
     if path.is_dir():
         if cfg.gguf_file:
-            return ModelSource(str(converted_gguf_folder(path / cfg.gguf_file)), f"GGUF file {path / cfg.gguf_file}")
+            return ModelSource(
+                str(converted_gguf_folder(path / cfg.gguf_file)), f"GGUF file {path / cfg.gguf_file}"
+            )
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json; is it a transformers model folder?")
         if not any(path.glob("*.safetensors")):
-            raise ModelError(f"model folder {path} has no *.safetensors weights (peftlab loads safetensors only)")
+            raise ModelError(
+                f"model folder {path} has no *.safetensors weights (peftlab loads safetensors only)"
+            )
         return ModelSource(str(path), f"local folder {path}")
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
     if looks_like_path or name.count("/") != 1:
@@ -162,19 +166,23 @@ def converted_gguf_folder(gguf: Path) -> Path:
     print(f"converting {gguf.name} to safetensors once (about 30 s) -> {target}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
     except Exception as exc:  # the gguf reader raises many types for a corrupt file
         raise ModelError(f"could not read GGUF file {gguf}: {exc}") from None
     # The de-quantised weights are plain fp32 tensors; drop the GGUF marker so they can be saved.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / "peftlab_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}))
+        (staging / "peftlab_source.json").write_text(
+            json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)})
+        )
         if target.exists():  # another process finished first
             shutil.rmtree(staging)
         else:
@@ -190,7 +198,10 @@ def load_tokenizer(source: ModelSource, cfg: ModelConfig) -> Any:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source.path, gguf_file=source.gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+            source.path,
+            gguf_file=source.gguf_file,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
         )
     except OSError as exc:
         raise ModelError(f"could not load the tokenizer of {source.description}: {exc}") from None
@@ -200,7 +211,11 @@ def load_tokenizer(source: ModelSource, cfg: ModelConfig) -> Any:
 
 
 def load_model(
-    source: ModelSource, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, extra: dict[str, Any] | None = None
+    source: ModelSource,
+    cfg: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    extra: dict[str, Any] | None = None,
 ) -> Any:
     """Load weights (safetensors only) onto `device` in `dtype`; `extra` comes from the method."""
     from transformers import AutoModelForCausalLM
@@ -220,8 +235,25 @@ def load_model(
     except OSError as exc:
         raise ModelError(f"could not load {source.description}: {exc}") from None
     if "quantization_config" not in (extra or {}):
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     return model
+
+
+def build_on_meta(source: ModelSource, cfg: ModelConfig) -> Any:
+    """The model's architecture from its config alone, on the meta device: no weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(
+            source.path,
+            gguf_file=source.gguf_file,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as exc:
+        raise ModelError(f"could not read the config of {source.description}: {exc}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
 
 def model_fingerprint(source: ModelSource) -> str:

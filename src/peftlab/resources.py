@@ -52,7 +52,9 @@ class ResourceMonitor:
         self._t0 = time.perf_counter()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.wall_seconds = time.perf_counter() - self._t0
         self._stop.set()
         if self._thread is not None:

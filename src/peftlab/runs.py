@@ -14,7 +14,16 @@ from typing import Any
 
 from peftlab.errors import PeftlabError
 
-TRACKED_PACKAGES = ("peftlab", "torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "galore-torch")
+TRACKED_PACKAGES = (
+    "peftlab",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "trl",
+    "bitsandbytes",
+    "galore-torch",
+)
 
 
 def now_iso() -> str:

@@ -20,10 +20,19 @@ from transformers import Trainer, TrainingArguments, set_seed
 from peftlab.callbacks import JsonlLogger, read_log
 from peftlab.config import RunConfig
 from peftlab.data.lm import build_eval_tokens, build_train_blocks
-from peftlab.data.packing import BlockDataset
+from peftlab.data.packing import BlockDataset, Blocks
 from peftlab.evaluation.suite import EvalData, evaluate_lm
-from peftlab.methods import get_method
-from peftlab.models import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_source
+from peftlab.methods import MethodSpec, get_method
+from peftlab.models import (
+    ModelSource,
+    build_on_meta,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    pick_device,
+    pick_dtype,
+    resolve_source,
+)
 from peftlab.params import count_parameters
 from peftlab.reports.plots import plot_loss
 from peftlab.resources import ResourceMonitor, gib
@@ -41,7 +50,9 @@ def default_run_name(cfg: RunConfig) -> str:
     return cfg.output.name or f"{cfg.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool) -> TrainingArguments:
+def training_arguments(
+    cfg: RunConfig, run_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool
+) -> TrainingArguments:
     t = cfg.train
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
@@ -77,6 +88,9 @@ def train(cfg: RunConfig, progress: bool = True) -> RunResult:
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device)
     source = resolve_source(cfg.model)
+    # Dry run of the method on the architecture alone (meta device): a bad target module or rank
+    # fails here, before any weights are read or a run folder exists.
+    spec.prepare(build_on_meta(source, cfg.model), cfg.method)
     tokenizer = load_tokenizer(source, cfg.model)
 
     # Data first: bad data fails before a run folder or a model exists.
@@ -94,7 +108,11 @@ def train(cfg: RunConfig, progress: bool = True) -> RunResult:
         "method": cfg.method.name,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "model": {"name": cfg.model.name, "source": source.description, "fingerprint": model_fingerprint(source)},
+        "model": {
+            "name": cfg.model.name,
+            "source": source.description,
+            "fingerprint": model_fingerprint(source),
+        },
         "data": {
             "train_path": cfg.data.train_path,
             "train_blocks": len(blocks),
@@ -122,9 +140,20 @@ def train(cfg: RunConfig, progress: bool = True) -> RunResult:
     return RunResult(run_dir, "completed", metrics)
 
 
-def _run(cfg, spec, run_dir, tokenizer, source, device, dtype, blocks, eval_data, progress) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def _run(
+    cfg: RunConfig,
+    spec: MethodSpec,
+    run_dir: Path,
+    tokenizer: Any,
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    blocks: Blocks,
+    eval_data: EvalData | None,
+    progress: bool,
+) -> dict[str, Any]:
     load_options = spec.load_options(cfg.method) if spec.load_options else {}
-    model = load_model(source, cfg.model, device, dtype, load_options)
+    model: Any = load_model(source, cfg.model, device, dtype, load_options)
     metrics: dict[str, Any] = {"method": cfg.method.name}
     if eval_data is not None:
         metrics["base"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "base")
@@ -174,6 +203,12 @@ def _run(cfg, spec, run_dir, tokenizer, source, device, dtype, blocks, eval_data
     )
     atomic_write_json(run_dir / "metrics.json", metrics)
     if losses:
-        plot_loss(log, run_dir / "plots" / "loss.png", title=f"{cfg.method.name} on {Path(cfg.data.train_path).name}")
-    print(f"train: {train_seconds:.1f} s, {metrics['tokens_per_second'] or 0:.0f} real tokens/s, peak RSS {gib(monitor.peak_rss)}")
+        plot_loss(
+            log,
+            run_dir / "plots" / "loss.png",
+            title=f"{cfg.method.name} on {Path(cfg.data.train_path).name}",
+        )
+    print(
+        f"train: {train_seconds:.1f} s, {metrics['tokens_per_second'] or 0:.0f} real tokens/s, peak RSS {gib(monitor.peak_rss)}"
+    )
     return metrics

@@ -27,12 +27,16 @@ def build_train_blocks(cfg: DataConfig, tokenizer: Any) -> Blocks:
     docs = load_documents(cfg.train_path, cfg.document_split)
     token_docs = tokenize_documents(tokenizer, docs, cfg.max_train_tokens)
     if cfg.keep_documents_apart:
-        blocks = group_per_document(token_docs, cfg.block_size, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.max_train_tokens)
+        blocks = group_per_document(
+            token_docs, cfg.block_size, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.max_train_tokens
+        )
     else:
         blocks = group_concatenated(token_docs, cfg.block_size, tokenizer.eos_token_id, cfg.max_train_tokens)
     if len(blocks) == 0:
         total = sum(len(d) for d in token_docs)
-        raise DataError(f"{cfg.train_path} gives {total} tokens, fewer than one block of data.block_size={cfg.block_size}")
+        raise DataError(
+            f"{cfg.train_path} gives {total} tokens, fewer than one block of data.block_size={cfg.block_size}"
+        )
     return blocks
 
 
@@ -48,4 +52,3 @@ def build_eval_tokens(cfg: DataConfig, tokenizer: Any) -> tuple[list[int], str]:
     if len(ids) < 2:
         raise DataError(f"{cfg.eval_path} gives fewer than 2 tokens to evaluate")
     return ids, text
-

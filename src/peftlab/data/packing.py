@@ -29,7 +29,9 @@ class Blocks:
         return self.pad_tokens / total if total else 0.0
 
 
-def group_concatenated(docs: Sequence[Sequence[int]], block_size: int, eos_id: int | None, max_tokens: int | None = None) -> Blocks:
+def group_concatenated(
+    docs: Sequence[Sequence[int]], block_size: int, eos_id: int | None, max_tokens: int | None = None
+) -> Blocks:
     """The classic recipe: join documents (EOS after each), cut into full blocks, drop the remainder."""
     stream: list[int] = []
     for doc in docs:
@@ -46,7 +48,11 @@ def group_concatenated(docs: Sequence[Sequence[int]], block_size: int, eos_id: i
 
 
 def group_per_document(
-    docs: Sequence[Sequence[int]], block_size: int, eos_id: int | None, pad_id: int, max_tokens: int | None = None
+    docs: Sequence[Sequence[int]],
+    block_size: int,
+    eos_id: int | None,
+    pad_id: int,
+    max_tokens: int | None = None,
 ) -> Blocks:
     """Each document cut into its own blocks; the last block of a document is padded (labels masked)."""
     ids_out: list[list[int]] = []

@@ -18,9 +18,13 @@ def read_text_files(path: str | Path) -> list[tuple[str, str]]:
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES and p.name != "SOURCE.txt")
+        files = sorted(
+            p for p in path.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES and p.name != "SOURCE.txt"
+        )
         if not files:
-            raise DataError(f"folder {path} has no text files ({', '.join(sorted(s or 'no suffix' for s in TEXT_SUFFIXES))})")
+            raise DataError(
+                f"folder {path} has no text files ({', '.join(sorted(s or 'no suffix' for s in TEXT_SUFFIXES))})"
+            )
     else:
         raise DataError(f"data file or folder not found: {path} (relative paths start at {Path.cwd()})")
     out = []
@@ -35,12 +39,13 @@ def read_text_files(path: str | Path) -> list[tuple[str, str]]:
 
 def split_documents(text: str, mode: str) -> list[str]:
     """Cut one file's text into documents; empty documents are dropped."""
+    docs: list[str] = []
     if mode == "file":
         docs = [text]
     elif mode == "blank_lines":
         docs = re.split(r"\n\s*\n", text)
     elif mode == "wikitext_headings":
-        docs, current = [], []
+        current: list[str] = []
         for line in text.splitlines(keepends=True):
             if WIKITEXT_HEADING.match(line.rstrip("\n")) and any(s.strip() for s in current):
                 docs.append("".join(current))

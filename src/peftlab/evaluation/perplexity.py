@@ -95,7 +95,9 @@ def score_tokens(
             target_row[: first - (begin + 1)] = IGNORE_INDEX  # already scored by an earlier window
             targets[row, :n] = target_row
             mask[row, :n] = 1
-        logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits.float()  # [B, T, V]
+        logits = model(
+            input_ids=inputs.to(device), attention_mask=mask.to(device)
+        ).logits.float()  # [B, T, V]
         targets = targets.to(device)
         nll = torch.nn.functional.cross_entropy(
             logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"

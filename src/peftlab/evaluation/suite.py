@@ -19,7 +19,9 @@ class EvalData:
     source: str
 
 
-def evaluate_lm(model: torch.nn.Module, tokenizer: Any, data: EvalData, cfg: EvalConfig, label: str) -> dict[str, Any]:
+def evaluate_lm(
+    model: torch.nn.Module, tokenizer: Any, data: EvalData, cfg: EvalConfig, label: str
+) -> dict[str, Any]:
     scores = score_tokens(
         model,
         data.ids,

@@ -18,7 +18,7 @@ from peftlab.methods.registry import MethodSpec, register_method
 class LoraConfig(MethodConfig):
     name: Literal["lora"] = "lora"
     r: int = Field(8, gt=0, description="Rank of the adapter matrices.")
-    alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    alpha: int = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | str = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -29,7 +29,9 @@ class LoraConfig(MethodConfig):
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Distinct leaf names of the model's linear layers, for error messages."""
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    )
 
 
 def check_targets(model: torch.nn.Module, targets: list[str] | str) -> None:
@@ -63,7 +65,9 @@ def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
 
 def prepare(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     check_targets(model, cfg.target_modules)
-    return get_peft_model(model, peft_lora_config(cfg))  # type: ignore[arg-type]
+    return get_peft_model(model, peft_lora_config(cfg))
 
 
-register_method(MethodSpec("lora", LoraConfig, prepare, summary="low-rank adapters on chosen linear layers (peft)"))
+register_method(
+    MethodSpec("lora", LoraConfig, prepare, summary="low-rank adapters on chosen linear layers (peft)")
+)

@@ -17,7 +17,11 @@ def before_after_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     stride = base.get("stride") or tuned.get("stride")
     mem = metrics.get("memory", {})
     return [
-        (f"perplexity (token-level, L={window}, S={stride})", _fmt(base.get("perplexity"), ".3f"), _fmt(tuned.get("perplexity"), ".3f")),
+        (
+            f"perplexity (token-level, L={window}, S={stride})",
+            _fmt(base.get("perplexity"), ".3f"),
+            _fmt(tuned.get("perplexity"), ".3f"),
+        ),
         ("token accuracy", _fmt(base.get("token_accuracy"), ".4f"), _fmt(tuned.get("token_accuracy"), ".4f")),
         ("eval tokens scored", _fmt(base.get("tokens"), ",d"), _fmt(tuned.get("tokens"), ",d")),
         ("train time", "", f"{metrics.get('train_seconds', 0):.1f} s"),
@@ -32,7 +36,9 @@ def before_after_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
-def render_text(rows: list[tuple[str, str, str]], headers: tuple[str, str, str] = ("metric", "base", "tuned")) -> str:
+def render_text(
+    rows: list[tuple[str, str, str]], headers: tuple[str, str, str] = ("metric", "base", "tuned")
+) -> str:
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(3)]
     line = "  ".join("-" * w for w in widths)
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), line]
@@ -40,7 +46,9 @@ def render_text(rows: list[tuple[str, str, str]], headers: tuple[str, str, str] 
     return "\n".join(out)
 
 
-def render_markdown(rows: list[tuple[str, str, str]], headers: tuple[str, str, str] = ("metric", "base", "tuned")) -> str:
+def render_markdown(
+    rows: list[tuple[str, str, str]], headers: tuple[str, str, str] = ("metric", "base", "tuned")
+) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)

@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny llama and a tiny tokenizer built offline, plus tiny text data.
+
+No test here touches the network or the real model; tests marked `slow` (tests/slow/) do use the
+embedded SmolLM2 and the real data in ../shared/data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A tiny model learns tiny things from tiny text.",
+    "Valkyria Chronicles is a tactical role-playing game.",
+    "The cat sat on the mat and the dog sat on the log.",
+    "Numbers like 1 2 3 4 5 6 7 8 9 10 appear in text.",
+    " = Robert Boulter = \n Robert Boulter is an English film and television actor .",
+] * 20
+
+TRAIN_TEXT = (
+    " = First Article = \n The quick brown fox jumps over the lazy dog . The cat sat on the mat .\n\n"
+    " = = A section = = \n A tiny model learns tiny things from tiny text . The dog sat on the log .\n"
+    " = Second Article = \n Valkyria Chronicles is a tactical role-playing game . Numbers like 1 2 3 appear .\n"
+) * 6
+EVAL_TEXT = " = Held Out = \n The brown dog sat on the lazy cat . A tiny text about a tiny fox .\n" * 4
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    return build_tiny_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A local model folder (config.json, model.safetensors, tokenizer) as a user would have."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(len(tiny_tokenizer)).save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def text_files(tmp_path: Path) -> tuple[Path, Path]:
+    train, held_out = tmp_path / "train.raw", tmp_path / "test.raw"
+    train.write_text(TRAIN_TEXT, encoding="utf-8")
+    held_out.write_text(EVAL_TEXT, encoding="utf-8")
+    return train, held_out
+
+
+@pytest.fixture()
+def tiny_run_config(tiny_model_dir: Path, text_files: tuple[Path, Path], tmp_path: Path) -> dict:
+    """A raw config dict that trains LoRA on the tiny model in a second or two."""
+    train, held_out = text_files
+    return {
+        "model": {"name": str(tiny_model_dir), "device": "cpu", "dtype": "float32"},
+        "data": {"train_path": str(train), "eval_path": str(held_out), "block_size": 32},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "train": {"max_steps": 6, "batch_size": 2, "lr": 5e-3, "seed": 0},
+        "eval": {"window": 16, "stride": 8, "batch_size": 2},
+        "output": {"dir": str(tmp_path / "runs"), "name": "tiny"},
+    }

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from peftlab.cli import main
+from peftlab.config import load_config, validate_config
+from peftlab.training import train
+
+
+def test_train_writes_a_complete_run_folder(tiny_run_config, tiny_model_dir, capsys):
+    result = train(validate_config(tiny_run_config), progress=False)
+    run = result.run_dir
+    out = capsys.readouterr().out
+    assert "trainable params: 896 || all params: " in out
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["seed"] == 0
+    assert manifest["device"] == "cpu" and manifest["dtype"] == "float32"
+    assert manifest["packages"]["torch"] and manifest["model"]["fingerprint"]
+    assert manifest["finished_at"] >= manifest["started_at"]
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["trainable_params"] == 2 * (4 * (32 + 32) + 4 * (32 + 16))  # 2 layers x (q + v) adapters
+    assert metrics["train_steps"] == 6
+    for side in ("base", "tuned"):
+        assert metrics[side]["window"] == 16 and metrics[side]["stride"] == 8
+        assert metrics[side]["tokens"] > 0 and 0 <= metrics[side]["token_accuracy"] <= 1
+    assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
+    assert metrics["tokens_per_second"] > 0 and metrics["memory"]["peak_rss_bytes"] > 0
+
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] > 0 and r["lr"] is not None and r["tokens_per_second"] > 0 for r in log)
+    assert log[-1]["tokens_seen"] == 6 * 2 * 32
+    assert (run / "plots" / "loss.png").stat().st_size > 1000
+
+    # The adapter loads with plain peft and reproduces the trained model's logits.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, run / "adapter").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert any(torch.count_nonzero(t) for name, t in adapter.items() if "lora_B" in name)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    assert not torch.allclose(loaded(ids).logits, plain(ids).logits), "adapter must change the output"
+
+
+def test_saved_config_reproduces_the_run_bitwise(tiny_run_config):
+    first = train(validate_config(tiny_run_config), progress=False).run_dir
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    assert saved["method"]["name"] == "lora" and saved["method"]["r"] == 4
+    second = train(
+        load_config(first / "config.yaml", ["output.name=again", "eval.enabled=false"]), progress=False
+    ).run_dir
+    a = load_file(first / "adapter" / "adapter_model.safetensors")
+    b = load_file(second / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_method_saves_a_whole_model(tiny_run_config):
+    tiny_run_config["method"] = {"name": "full"}
+    tiny_run_config["train"]["lr"] = 1e-3
+    run = train(validate_config(tiny_run_config), progress=False).run_dir
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert sum(p.numel() for p in model.parameters()) > 10_000
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["trainable_params"] == metrics["total_params"]
+
+
+def test_same_run_name_never_overwrites(tiny_run_config):
+    tiny_run_config["eval"]["enabled"] = False
+    first = train(validate_config(tiny_run_config), progress=False).run_dir
+    second = train(validate_config(tiny_run_config), progress=False).run_dir
+    assert first != second and second.name == "tiny-1"
+    assert (first / "manifest.json").is_file() and (second / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.rank=8", "unknown config key 'method.rank' (did you mean 'method.r'?)"),
+        ("train.lr=-1", "train.lr: Input should be greater than 0"),
+        ("data.train_path=/no/such/file.txt", "data file or folder not found: /no/such/file.txt"),
+        ("model.name=/no/such/model", "is neither a built-in alias"),
+        ("method.target_modules=[nope]", "match no module; linear modules:"),
+        ("data.block_size=100000", "fewer than one block of data.block_size=100000"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tiny_run_config, tmp_path, capsys, override, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_run_config))
+    code = main(["train", str(path), override, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("peftlab: error: ") and message in err
+    assert len(err.splitlines()) == 1
+    assert not list((tmp_path / "runs").glob("*/metrics.json")), "no result may be left by a failed run"

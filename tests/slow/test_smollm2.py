@@ -1,0 +1,57 @@
+"""Checks on the real embedded SmolLM2-135M-Instruct and the real wikitext-2 data (marked slow)."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from peftlab.config import ModelConfig, load_config
+from peftlab.models import load_model, load_tokenizer, resolve_source
+from peftlab.training import train
+
+pytestmark = pytest.mark.slow
+WIKI = SHARED_DATA / "wikitext-2-raw-v1"
+
+
+def test_embedded_model_loads_from_the_safetensors_cache_in_seconds():
+    source = resolve_source(ModelConfig())  # converts the GGUF once, then reuses the cached folder
+    started = time.perf_counter()
+    source = resolve_source(ModelConfig())
+    tokenizer = load_tokenizer(source, ModelConfig())
+    model = load_model(source, ModelConfig(), torch.device("cpu"), torch.float32)
+    assert time.perf_counter() - started < 15
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_short_lora_run_on_wikitext_lowers_held_out_perplexity(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            f"data.train_path={WIKI / 'wiki.valid.raw'}",
+            f"data.eval_path={WIKI / 'wiki.test.raw'}",
+            "data.block_size=128",
+            "data.max_train_tokens=4096",
+            "data.max_eval_tokens=1024",
+            "method.name=lora",
+            "method.r=8",
+            "method.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+            "train.batch_size=4",
+            "train.lr=1e-3",
+            "eval.window=256",
+            "eval.stride=256",
+            f"output.dir={tmp_path}",
+            "output.name=slow",
+        ],
+    )
+    result = train(cfg, progress=False)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["train_steps"] == 8
+    assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
+    assert metrics["final_logged_loss"] < metrics["first_logged_loss"]

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from peftlab.config import validate_config
+from peftlab.errors import ConfigError, MethodError
+from peftlab.methods import get_method, method_names
+from peftlab.params import count_parameters
+
+
+def cfg_for(method: dict):
+    return validate_config({"data": {"train_path": "x"}, "method": method}).method
+
+
+def test_registry_lists_methods_and_rejects_unknown_and_duplicates():
+    assert {"full", "lora"} <= set(method_names())
+    with pytest.raises(ConfigError, match=r"registered methods: .*lora"):
+        get_method("lorra")
+    from peftlab.methods.registry import register_method
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(get_method("lora"))
+
+
+def test_lora_changes_adapters_and_leaves_every_base_weight_bitwise_unchanged(tiny_model):
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    model = get_method("lora").prepare(
+        tiny_model, cfg_for({"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]})
+    )
+    adapters_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters_before, "LoRA must create trainable adapter weights"
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 300, (2, 16))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = dict(model.named_parameters())
+    for name, old in before.items():
+        peft_name = next(
+            n for n in after if n.endswith(name.replace(".weight", ".base_layer.weight")) or n.endswith(name)
+        )
+        assert torch.equal(after[peft_name].detach(), old), f"base weight {name} changed"
+        assert not after[peft_name].requires_grad
+    changed = [n for n, old in adapters_before.items() if not torch.equal(after[n].detach(), old)]
+    assert sorted(changed) == sorted(adapters_before), "every adapter tensor must change"
+
+
+def test_lora_trainable_count_matches_formula_and_peft(tiny_model):
+    model = get_method("lora").prepare(
+        tiny_model, cfg_for({"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]})
+    )
+    cfg = tiny_model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    q = 4 * (cfg.hidden_size + cfg.num_attention_heads * head_dim)
+    v = 4 * (cfg.hidden_size + cfg.num_key_value_heads * head_dim)
+    counts = count_parameters(model)
+    assert counts.trainable == cfg.num_hidden_layers * (q + v)
+    assert (counts.trainable, counts.total) == tuple(model.get_nb_trainable_parameters())
+    assert counts.line().startswith(
+        f"trainable params: {counts.trainable:,d} || all params: {counts.total:,d} || trainable%: "
+    )
+
+
+def test_lora_target_that_matches_nothing_lists_module_names(tiny_model):
+    with pytest.raises(MethodError, match=r"\['qkv'\] match no module; linear modules: .*q_proj"):
+        get_method("lora").prepare(tiny_model, cfg_for({"name": "lora", "target_modules": ["qkv"]}))
+
+
+def test_full_trains_everything(tiny_model):
+    tiny_model.requires_grad_(False)
+    model = get_method("full").prepare(tiny_model, cfg_for({"name": "full"}))
+    counts = count_parameters(model)
+    assert counts.trainable == counts.total == sum(p.numel() for p in tiny_model.parameters())

@@ -1,0 +1,67 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from peftlab.evaluation.perplexity import score_tokens, sliding_windows
+
+
+class BigramModel(torch.nn.Module):
+    """A hand-written model whose next-token distribution depends on the current token only, so the
+    exact perplexity can be computed by hand whatever the window."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)  # [V, V] logits of next token given current
+
+    def forward(self, input_ids, attention_mask=None):
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = self.table[input_ids]  # [B, T, V]
+        return out
+
+
+def test_perplexity_equals_hand_computed_value():
+    table = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [1.0, 1.0, 1.0]])
+    ids = [0, 1, 2, 2, 0, 0, 1]
+    logp = torch.log_softmax(table, dim=-1)
+    nll = -sum(logp[a, b].item() for a, b in itertools.pairwise(ids))
+    hits = sum(int(table[a].argmax().item() == b) for a, b in itertools.pairwise(ids))
+    for window, stride in [(3, 3), (3, 1), (4, 2), (16, 16)]:
+        scores = score_tokens(BigramModel(table), ids, window, stride, batch_size=2, progress=False)
+        assert scores.tokens == 6
+        assert scores.nll_sum == pytest.approx(nll, rel=1e-6)
+        assert scores.perplexity == pytest.approx(math.exp(nll / 6), rel=1e-6)
+        assert scores.correct == hits
+
+
+@pytest.mark.parametrize(
+    ("n", "window", "stride"),
+    [(10, 4, 4), (10, 4, 1), (10, 4, 3), (5, 8, 8), (5, 8, 2), (2, 2, 1), (100, 7, 5)],
+)
+def test_every_target_is_scored_exactly_once(n, window, stride):
+    seen = []
+    for begin, end, first in sliding_windows(n, window, stride):
+        assert end - begin <= window
+        assert first >= begin + 1  # a target is always predicted from context inside its window
+        seen.extend(range(first, end + 1))
+    assert seen == list(range(1, n))
+
+
+def test_first_window_is_fully_scored_and_later_context_is_at_least_window_minus_stride():
+    spans = sliding_windows(100, 8, 3)
+    assert spans[0] == (0, 8, 1)
+    for begin, _, first in spans[1:]:
+        assert first - 1 - begin >= 8 - 3 - 1
+
+
+def test_padding_in_batched_windows_does_not_count(tiny_model):
+    ids = list(range(5, 5 + 23))
+    one = score_tokens(tiny_model, ids, window=8, stride=8, batch_size=1, progress=False)
+    batched = score_tokens(tiny_model, ids, window=8, stride=8, batch_size=3, progress=False)
+    assert one.tokens == batched.tokens == 22
+    assert batched.nll_sum == pytest.approx(one.nll_sum, rel=1e-5)
+    assert batched.correct == one.correct
