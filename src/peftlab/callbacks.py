@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 
 class JsonlLogger(TrainerCallback):
@@ -43,6 +44,16 @@ class JsonlLogger(TrainerCallback):
         self._last_time, self._last_tokens = now, tokens
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+class LossProgressBar(ProgressCallback):
+    """transformers' progress bar, with the latest loss and lr in the bar instead of a printed dict
+    per log line (which buries the bar on a terminal)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        bar = getattr(self, "training_bar", None)
+        if bar is not None and logs and "loss" in logs:
+            bar.set_postfix(loss=f"{float(logs['loss']):.4f}", lr=f"{float(logs.get('learning_rate', 0)):.2e}")
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

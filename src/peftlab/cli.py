@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers 5 renames arguments and warns on every run; users cannot act on those warnings.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 

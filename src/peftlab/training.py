@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 
-from peftlab.callbacks import JsonlLogger, read_log
+from peftlab.callbacks import JsonlLogger, LossProgressBar, read_log
 from peftlab.config import RunConfig
 from peftlab.data.lm import build_eval_tokens, build_train_blocks
 from peftlab.data.packing import BlockDataset, Blocks
@@ -172,6 +173,9 @@ def _run(
         optimizers=(optimizer, None),
         callbacks=[JsonlLogger(run_dir / "log.jsonl")],
     )
+    if progress:  # swap the stock bar (which prints every log dict) for one with loss in the bar
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LossProgressBar())
     with ResourceMonitor() as monitor:
         started = time.perf_counter()
         output = trainer.train()
