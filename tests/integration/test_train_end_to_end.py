@@ -100,3 +100,14 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_run_config, tmp_path, capsys, 
     assert err.startswith("peftlab: error: ") and message in err
     assert len(err.splitlines()) == 1
     assert not list((tmp_path / "runs").glob("*/metrics.json")), "no result may be left by a failed run"
+
+
+def test_checkpointing_accumulation_and_periodic_checkpoints_work(tiny_run_config):
+    tiny_run_config["train"].update(gradient_checkpointing=True, grad_accum_steps=2, max_steps=4, save_steps=2)
+    tiny_run_config["eval"]["enabled"] = False
+    run = train(validate_config(tiny_run_config), progress=False).run_dir
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_steps"] == 4
+    assert metrics["real_tokens_trained"] == 4 * 2 * 2 * 32  # steps x accumulation x batch x block
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert (run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors").is_file()
