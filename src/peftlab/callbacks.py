@@ -50,10 +50,14 @@ class LossProgressBar(ProgressCallback):
     """transformers' progress bar, with the latest loss and lr in the bar instead of a printed dict
     per log line (which buries the bar on a terminal)."""
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         bar = getattr(self, "training_bar", None)
         if bar is not None and logs and "loss" in logs:
-            bar.set_postfix(loss=f"{float(logs['loss']):.4f}", lr=f"{float(logs.get('learning_rate', 0)):.2e}")
+            bar.set_postfix(
+                loss=f"{float(logs['loss']):.4f}", lr=f"{float(logs.get('learning_rate', 0)):.2e}"
+            )
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

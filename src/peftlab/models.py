@@ -230,11 +230,13 @@ def load_model(
         kwargs["gguf_file"] = source.gguf_file
         kwargs.pop("use_safetensors")
     kwargs.update(extra or {})
+    if "quantization_config" in kwargs:
+        kwargs["device_map"] = {"": device}  # bitsandbytes quantises while placing the weights
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except OSError as exc:
         raise ModelError(f"could not load {source.description}: {exc}") from None
-    if "quantization_config" not in (extra or {}):
+    if "quantization_config" not in kwargs:
         model.to(device)  # type: ignore[arg-type]
     return model
 

@@ -52,9 +52,10 @@ def default_run_name(cfg: RunConfig) -> str:
 
 
 def training_arguments(
-    cfg: RunConfig, run_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool
+    cfg: RunConfig, spec: MethodSpec, run_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool
 ) -> TrainingArguments:
     t = cfg.train
+    extra = spec.trainer_options(cfg.method) if spec.trainer_options else {}
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
@@ -68,6 +69,7 @@ def training_arguments(
         max_steps=t.max_steps or -1,
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no",
+        **extra,
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
         seed=t.seed,
@@ -92,6 +94,7 @@ def train(cfg: RunConfig, progress: bool = True) -> RunResult:
     # Dry run of the method on the architecture alone (meta device): a bad target module or rank
     # fails here, before any weights are read or a run folder exists.
     spec.prepare(build_on_meta(source, cfg.model), cfg.method)
+    load_options = spec.load_options(cfg.method, dtype) if spec.load_options else {}
     tokenizer = load_tokenizer(source, cfg.model)
 
     # Data first: bad data fails before a run folder or a model exists.
@@ -126,7 +129,9 @@ def train(cfg: RunConfig, progress: bool = True) -> RunResult:
     atomic_write_json(run_dir / "manifest.json", manifest)
     print(f"run folder: {run_dir}")
     try:
-        metrics = _run(cfg, spec, run_dir, tokenizer, source, device, dtype, blocks, eval_data, progress)
+        metrics = _run(
+            cfg, spec, run_dir, tokenizer, source, device, dtype, load_options, blocks, eval_data, progress
+        )
     except BaseException as exc:
         manifest.update(
             status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
@@ -149,13 +154,14 @@ def _run(
     source: ModelSource,
     device: torch.device,
     dtype: torch.dtype,
+    load_options: dict[str, Any],
     blocks: Blocks,
     eval_data: EvalData | None,
     progress: bool,
 ) -> dict[str, Any]:
-    load_options = spec.load_options(cfg.method) if spec.load_options else {}
     model: Any = load_model(source, cfg.model, device, dtype, load_options)
-    metrics: dict[str, Any] = {"method": cfg.method.name}
+    # Real bytes of the loaded base weights (after quantisation, for 4-bit bases).
+    metrics: dict[str, Any] = {"method": cfg.method.name, "base_weights_bytes": model.get_memory_footprint()}
     if eval_data is not None:
         metrics["base"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "base")
 
@@ -167,7 +173,7 @@ def _run(
     optimizer = spec.make_optimizer(model, cfg.method, cfg.train) if spec.make_optimizer else None
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, run_dir, device, dtype, progress),
+        args=training_arguments(cfg, spec, run_dir, device, dtype, progress),
         train_dataset=BlockDataset(blocks),
         processing_class=tokenizer,
         optimizers=(optimizer, None),

@@ -103,7 +103,9 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_run_config, tmp_path, capsys, 
 
 
 def test_checkpointing_accumulation_and_periodic_checkpoints_work(tiny_run_config):
-    tiny_run_config["train"].update(gradient_checkpointing=True, grad_accum_steps=2, max_steps=4, save_steps=2)
+    tiny_run_config["train"].update(
+        gradient_checkpointing=True, grad_accum_steps=2, max_steps=4, save_steps=2
+    )
     tiny_run_config["eval"]["enabled"] = False
     run = train(validate_config(tiny_run_config), progress=False).run_dir
     metrics = json.loads((run / "metrics.json").read_text())

@@ -71,3 +71,51 @@ def test_full_trains_everything(tiny_model):
     model = get_method("full").prepare(tiny_model, cfg_for({"name": "full"}))
     counts = count_parameters(model)
     assert counts.trainable == counts.total == sum(p.numel() for p in tiny_model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ({"name": "lora", "alpha": 0}, "method.alpha: Input should be greater than 0"),
+        ({"name": "dora", "dropout": -0.1}, "method.dropout: Input should be greater than or equal to 0"),
+        ({"name": "qlora", "quant_type": "int3"}, "method.quant_type: Input should be 'nf4' or 'fp4'"),
+        ({"name": "galore", "rank": 0}, "method.rank: Input should be greater than 0"),
+        ({"name": "freeze", "last_layers": 0}, "freeze trains nothing"),
+        (
+            {"name": "prompt_tuning", "num_virtual_tokens": 0},
+            "method.num_virtual_tokens: Input should be greater than 0",
+        ),
+    ],
+)
+def test_bad_method_settings_fail_in_the_config(method, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        cfg_for(method)
+
+
+def test_galore_rank_larger_than_a_layer_is_rejected(tiny_model):
+    with pytest.raises(
+        MethodError, match=r"galore.rank=64 is larger than layer .*k_proj \(16x32\); use rank <= 16"
+    ):
+        get_method("galore").prepare(
+            tiny_model, cfg_for({"name": "galore", "rank": 64, "target_modules": ["k_proj"]})
+        )
+
+
+def test_qlora_without_bitsandbytes_says_how_to_install(monkeypatch, tiny_model):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(MethodError, match=r"qlora needs bitsandbytes: pip install 'peftlab\[quant\]'"):
+        get_method("qlora").load_options(cfg_for({"name": "qlora"}), torch.float32)
+
+
+def test_full_8bit_adamw_and_galore_use_transformers_optimizers():
+    assert get_method("full").trainer_options(cfg_for({"name": "full", "optimizer": "adamw_8bit"})) == {
+        "optim": "adamw_bnb_8bit"
+    }
+    options = get_method("galore").trainer_options(cfg_for({"name": "galore", "rank": 8, "layerwise": True}))
+    assert options["optim"] == "galore_adamw_layerwise"
+    assert options["optim_args"] == "rank=8,update_proj_gap=200,scale=0.25,proj_type=std"

@@ -1,73 +1,86 @@
-"""LoRA (Hu et al. 2021) through peft: low-rank adapters A·B added to the chosen linear layers."""
+"""LoRA (Hu et al. 2021) through peft: low-rank adapters B·A added to the chosen linear layers.
+
+DoRA and QLoRA reuse this module: DoRA is LoRA with `use_dora`, QLoRA is LoRA over a 4-bit base.
+"""
 
 from __future__ import annotations
 
-import re
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from pydantic import Field
 
-from peftlab.config import MethodConfig
-from peftlab.errors import MethodError
+from peftlab.config import TrainConfig
+from peftlab.methods.peft_common import TargetedConfig, check_targets, linear_module_names, wrap
 from peftlab.methods.registry import MethodSpec, register_method
 
+__all__ = ["LoraConfig", "check_targets", "linear_module_names"]
 
-class LoraConfig(MethodConfig):
+
+class LoraConfig(TargetedConfig):
     name: Literal["lora"] = "lora"
     r: int = Field(8, gt=0, description="Rank of the adapter matrices.")
-    alpha: int = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    alpha: int = Field(
+        16,
+        gt=0,
+        description="Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora).",
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] | str = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Module names (suffix match), a regex string, or 'all-linear'.",
-    )
     bias: Literal["none", "all", "lora_only"] = "none"
-
-
-def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Distinct leaf names of the model's linear layers, for error messages."""
-    return sorted(
-        {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="Adapter initialisation (peft's init_lora_weights)."
+    )
+    lora_plus_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: learning rate of B is this many times that of A (peft's LoRA+ optimizer).",
     )
 
 
-def check_targets(model: torch.nn.Module, targets: list[str] | str) -> None:
-    """Fail with the model's module names when a target matches nothing."""
-    if targets == "all-linear":
-        return
-    names = [name for name, _ in model.named_modules()]
-    if isinstance(targets, str):
-        if not any(re.fullmatch(targets, n) for n in names):
-            raise MethodError(
-                f"target_modules regex {targets!r} matches no module; linear modules: {', '.join(linear_module_names(model))}"
-            )
-        return
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        raise MethodError(
-            f"target_modules {missing} match no module; linear modules: {', '.join(linear_module_names(model))}"
-        )
-
-
-def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
+def peft_lora_config(cfg: LoraConfig, use_dora: bool = False) -> PeftLoraConfig:
+    init: Any = True if cfg.init == "default" else cfg.init
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         bias=cfg.bias,
+        use_rslora=cfg.rslora,
+        init_lora_weights=init,
+        use_dora=use_dora,
         task_type="CAUSAL_LM",
     )
 
 
 def prepare(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
-    check_targets(model, cfg.target_modules)
-    return get_peft_model(model, peft_lora_config(cfg))
+    return wrap(model, peft_lora_config(cfg), cfg.target_modules)
+
+
+def lora_plus_optimizer(
+    model: torch.nn.Module, cfg: LoraConfig, train: TrainConfig
+) -> torch.optim.Optimizer | None:
+    """peft's LoRA+ optimizer (AdamW with a larger learning rate for B), or None for plain AdamW."""
+    if cfg.lora_plus_ratio is None:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        model,  # type: ignore[arg-type]
+        torch.optim.AdamW,
+        lr=train.lr,
+        loraplus_lr_ratio=cfg.lora_plus_ratio,
+        weight_decay=train.weight_decay,
+    )
 
 
 register_method(
-    MethodSpec("lora", LoraConfig, prepare, summary="low-rank adapters on chosen linear layers (peft)")
+    MethodSpec(
+        "lora",
+        LoraConfig,
+        prepare,
+        summary="low-rank adapters on chosen linear layers (peft)",
+        make_optimizer=lora_plus_optimizer,
+    )
 )

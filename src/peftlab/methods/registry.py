@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from peftlab.config import MethodConfig, TrainConfig
 
 PrepareFn = Callable[["PreTrainedModel", Any], "torch.nn.Module"]
-OptimizerFn = Callable[["torch.nn.Module", Any, "TrainConfig"], "torch.optim.Optimizer"]
-LoadOptionsFn = Callable[[Any], dict[str, Any]]
+OptimizerFn = Callable[["torch.nn.Module", Any, "TrainConfig"], "torch.optim.Optimizer | None"]
+LoadOptionsFn = Callable[[Any, "torch.dtype"], dict[str, Any]]
+TrainerOptionsFn = Callable[[Any], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class MethodSpec:
     """Builds the optimizer when the method needs its own (e.g. GaLore); None: AdamW from Trainer."""
     load_options: LoadOptionsFn | None = None
     """Extra keyword arguments for from_pretrained (e.g. a quantisation config)."""
+    trainer_options: TrainerOptionsFn | None = None
+    """Extra TrainingArguments (e.g. optim='galore_adamw' or 'adamw_bnb_8bit'): reuses transformers'
+    own optimizer integrations instead of re-implementing them."""
     artifact: str = "adapter"
     """Name of the folder the trained weights are saved to: 'adapter' or 'model'."""
 
