@@ -30,6 +30,7 @@ CASES: list[dict[str, Any]] = [
     {"name": "dora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
     {"name": "qlora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
     {"name": "galore", "rank": 4, "update_proj_gap": 2, "target_modules": ["q_proj", "v_proj"]},
+    {"name": "lora_galore", "r": 4, "rank": 4, "update_proj_gap": 2},
     {"name": "ia3"},
     {"name": "prompt_tuning", "num_virtual_tokens": 4},
     {"name": "prefix_tuning", "num_virtual_tokens": 4},
@@ -251,3 +252,19 @@ def test_llama_3_2_1b_lora_count_on_the_meta_device():
         count_parameters(model).line()
         == "trainable params: 1,703,936 || all params: 1,237,518,336 || trainable%: 0.1377"
     )
+
+
+def test_hybrid_projects_exactly_the_mlp_copies_and_lora_trains_attention(base_dir, tmp_path):
+    cfg = run_config({"name": "lora_galore", "r": 4, "rank": 4}, base_dir, tmp_path)
+    model = prepared(cfg, base_dir)
+    optimizer = make_optimizer(cfg, model, tmp_path)
+    projected = [g for g in optimizer.param_groups if "rank" in g]
+    assert len(projected) == 1 and projected[0]["rank"] == 4
+    names = {id(p): n for n, p in model.named_parameters()}
+    projected_names = sorted(names[id(p)] for p in projected[0]["params"])
+    assert len(projected_names) == 2 * 3  # 2 layers x (gate, up, down)
+    assert all(".mlp." in n and n.endswith("modules_to_save.default.weight") for n in projected_names)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert {n for n in trainable if "lora_" in n} and set(trainable) - set(projected_names) == {
+        n for n in trainable if "lora_" in n
+    }

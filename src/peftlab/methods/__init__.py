@@ -1,6 +1,6 @@
 """Fine-tuning methods. Importing this package registers every built-in method."""
 
-from peftlab.methods import dora, freeze, full, galore, ia3, lora, prompt_tuning, qlora  # noqa: F401  (register calls)
+from peftlab.methods import dora, freeze, full, galore, ia3, lora, lora_galore, prompt_tuning, qlora  # noqa: F401
 from peftlab.methods.registry import MethodSpec, get_method, method_names, register_method
 
 __all__ = ["MethodSpec", "get_method", "method_names", "register_method"]

@@ -1,0 +1,195 @@
+"""Benchmark every registered method on SmolLM2-135M against a plain Trainer + peft LoRA script.
+
+Same wikitext-2 blocks (512 tokens, batch 4), same number of steps, same seed, in ONE run; each
+case runs in a fresh subprocess so that peak RSS is its own. Prints a table and writes
+bench/results/methods.json.
+
+    .venv/bin/python bench/methods.py              # every method + baseline
+    .venv/bin/python bench/methods.py --steps 4 --methods lora full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
+BLOCK, BATCH, SEED = 512, 4, 0
+CASES = {
+    "full": {"name": "full"},
+    "full-8bit": {"name": "full", "optimizer": "adamw_8bit"},
+    "freeze": {"name": "freeze", "last_layers": 2},
+    "lora": {"name": "lora", "r": 8, "alpha": 16},
+    "dora": {"name": "dora", "r": 8, "alpha": 16},
+    "qlora": {"name": "qlora", "r": 8, "alpha": 16},
+    "lora_galore": {"name": "lora_galore", "r": 8, "alpha": 16, "rank": 64, "update_proj_gap": 50},
+    "galore": {"name": "galore", "rank": 64, "update_proj_gap": 50},
+    "ia3": {"name": "ia3"},
+    "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 16},
+    "prefix_tuning": {"name": "prefix_tuning", "num_virtual_tokens": 16},
+}
+
+
+def run_peftlab(case: str, steps: int, out_dir: Path) -> dict:
+    from peftlab.config import validate_config
+    from peftlab.training import train
+
+    cfg = validate_config(
+        {
+            "data": {
+                "train_path": str(TRAIN_TEXT),
+                "block_size": BLOCK,
+                "max_train_tokens": BLOCK * BATCH * steps,
+            },
+            "method": CASES[case],
+            "train": {
+                "max_steps": steps,
+                "batch_size": BATCH,
+                "lr": 1e-4,
+                "seed": SEED,
+                "lr_scheduler": "constant",
+            },
+            "eval": {"enabled": False},
+            "output": {"dir": str(out_dir), "name": case},
+        }
+    )
+    metrics = train(cfg, progress=False).metrics
+    return {
+        "case": case,
+        "tokens_per_second": metrics["tokens_per_second"],
+        "peak_rss_gib": metrics["memory"]["peak_rss_bytes"] / 2**30,
+        "trainable_params": metrics["trainable_params"],
+        "final_loss": metrics["final_logged_loss"],
+        "base_weights_mib": metrics["base_weights_bytes"] / 2**20,
+    }
+
+
+def run_baseline(steps: int, out_dir: Path) -> dict:
+    """The plain recipe: tokenise the text, cut 512-token blocks, Trainer + peft LoRA (q,k,v,o)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    from peftlab.config import ModelConfig
+    from peftlab.models import pick_device, pick_dtype, resolve_source
+    from peftlab.resources import ResourceMonitor
+
+    path = resolve_source(ModelConfig()).path  # the same cached SmolLM2 folder
+    device = pick_device("auto")
+    dtype = pick_dtype("auto", device)  # the same dtype peftlab picks, so the comparison is fair
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(TRAIN_TEXT.read_text(), add_special_tokens=False)["input_ids"][: BLOCK * BATCH * steps]
+    blocks = [ids[i : i + BLOCK] for i in range(0, len(ids) - BLOCK + 1, BLOCK)]
+    data = [
+        {
+            "input_ids": torch.tensor(b),
+            "labels": torch.tensor(b),
+            "attention_mask": torch.ones(BLOCK, dtype=torch.long),
+        }
+        for b in blocks
+    ]
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
+        ),
+    )
+    args = TrainingArguments(
+        output_dir=str(out_dir / "baseline"),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        seed=SEED,
+        report_to=[],
+        disable_tqdm=True,
+        logging_steps=1,
+        use_cpu=device.type == "cpu",
+        save_strategy="no",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
+    with ResourceMonitor() as monitor:
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return {
+        "case": "baseline: Trainer + peft LoRA",
+        "tokens_per_second": len(data) * BLOCK / seconds,
+        "peak_rss_gib": monitor.peak_rss / 2**30,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "final_loss": losses[-1],
+        "base_weights_mib": None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--methods", nargs="*", default=list(CASES))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    if args.one:  # child process: one case, one JSON line
+        result = (
+            run_baseline(args.steps, out_dir / "runs")
+            if args.one == "baseline"
+            else run_peftlab(args.one, args.steps, out_dir / "runs")
+        )
+        print("RESULT " + json.dumps(result))
+        return
+    import shutil
+
+    shutil.rmtree(out_dir / "runs", ignore_errors=True)
+    rows = []
+    for case in ["baseline", *args.methods]:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", case, "--steps", str(args.steps), "--out", str(out_dir)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{case}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(line[7:]))
+        r = rows[-1]
+        print(
+            f"{r['case']:32s} {r['tokens_per_second']:8.1f} tok/s  {r['peak_rss_gib']:6.2f} GiB  "
+            f"{r['trainable_params']:>12,d} trainable  loss {r['final_loss']:.4f}",
+            flush=True,
+        )
+    base = rows[0] if rows and rows[0]["case"].startswith("baseline") else None
+    lora = next((r for r in rows if r["case"] == "lora"), None)
+    summary = {"steps": args.steps, "block": BLOCK, "batch": BATCH, "rows": rows}
+    if base and lora:
+        summary["lora_vs_baseline"] = {
+            "tokens_per_second_ratio": lora["tokens_per_second"] / base["tokens_per_second"],
+            "peak_rss_ratio": lora["peak_rss_gib"] / base["peak_rss_gib"],
+        }
+        print(
+            f"\npeftlab lora / baseline: {summary['lora_vs_baseline']['tokens_per_second_ratio']:.2f}x tokens/s, "
+            f"{summary['lora_vs_baseline']['peak_rss_ratio']:.2f}x peak RSS"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "methods.json").write_text(json.dumps(summary, indent=2))
+    print(f"written {out_dir / 'methods.json'}")
+
+
+if __name__ == "__main__":
+    main()
