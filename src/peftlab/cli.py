@@ -21,8 +21,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peftlab.reports.table import before_after_rows, render_text
     from peftlab.training import train
 
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, progress=not args.quiet)
+    if args.resume:
+        if args.config:  # argparse puts the first override into `config` when --resume is used
+            args.overrides.insert(0, args.config)
+        if args.overrides:
+            raise PeftlabError(
+                "--resume continues a run exactly as configured; it takes no config or overrides"
+            )
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise PeftlabError(f"{run_dir} is not a peftlab run folder (no config.yaml)")
+        result = train(load_config(run_dir / "config.yaml"), progress=not args.quiet, resume_dir=run_dir)
+    elif args.config is None:
+        raise PeftlabError("give a config file (see configs/) or --resume RUN_DIR")
+    else:
+        result = train(load_config(args.config, args.overrides), progress=not args.quiet)
     print()
     print(render_text(before_after_rows(result.metrics)))
     print(f"\nrun folder: {result.run_dir}")
@@ -67,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune as a config says; key.sub=value overrides follow it")
-    p.add_argument("config", help="a YAML config file (see configs/)")
+    p.add_argument("config", nargs="?", help="a YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="overrides such as method.r=16 train.max_steps=50")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

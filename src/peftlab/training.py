@@ -7,6 +7,7 @@ load options and (if it needs one) the optimizer; nothing here tests a method's 
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ from peftlab.models import (
 from peftlab.params import count_parameters
 from peftlab.reports.plots import plot_loss
 from peftlab.resources import ResourceMonitor, gib
+from peftlab.resume import (
+    CheckpointMarker,
+    GracefulInterrupt,
+    checkpoint_step,
+    checkpoint_to_resume,
+    trim_log,
+)
 from peftlab.runs import atomic_write_json, atomic_write_text, base_manifest, create_run_dir, now_iso
 
 
@@ -85,7 +93,9 @@ def training_arguments(
     )
 
 
-def train(cfg: RunConfig, progress: bool = True) -> RunResult:
+def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None) -> RunResult:
+    """Train as `cfg` says; with `resume_dir`, continue that run from its newest complete checkpoint."""
+    checkpoint = checkpoint_to_resume(resume_dir) if resume_dir is not None else None
     spec = get_method(cfg.method.name)
     set_seed(cfg.train.seed)
     device = pick_device(cfg.model.device)
@@ -104,6 +114,53 @@ def train(cfg: RunConfig, progress: bool = True) -> RunResult:
         ids, _ = build_eval_tokens(cfg.data, tokenizer)
         eval_data = EvalData(ids, str(cfg.data.eval_path))
 
+    if resume_dir is not None and checkpoint is not None:
+        run_dir = resume_dir
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        manifest.update(status="running", finished_at=None, error=None, traceback=None)
+        manifest.setdefault("resumed", []).append({"from": checkpoint.name, "at": now_iso()})
+        trim_log(run_dir / "log.jsonl", checkpoint_step(checkpoint))
+        atomic_write_json(run_dir / "manifest.json", manifest)
+        print(f"resuming {run_dir} from {checkpoint.name}")
+    else:
+        run_dir, manifest = _new_run(cfg, device, dtype, source, blocks, eval_data)
+    try:
+        metrics = _run(
+            cfg,
+            spec,
+            run_dir,
+            tokenizer,
+            source,
+            device,
+            dtype,
+            load_options,
+            blocks,
+            eval_data,
+            progress,
+            checkpoint,
+        )
+    except BaseException as exc:
+        manifest.update(
+            status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+            finished_at=now_iso(),
+            error=f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__,
+            traceback=traceback.format_exception(exc)[-3:],
+        )
+        atomic_write_json(run_dir / "manifest.json", manifest)
+        raise
+    manifest.update(status="completed", finished_at=now_iso())
+    atomic_write_json(run_dir / "manifest.json", manifest)
+    return RunResult(run_dir, "completed", metrics)
+
+
+def _new_run(
+    cfg: RunConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    source: ModelSource,
+    blocks: Blocks,
+    eval_data: EvalData | None,
+) -> tuple[Path, dict[str, Any]]:
     run_dir = create_run_dir(cfg.output.dir, default_run_name(cfg))
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     manifest = {
@@ -128,22 +185,7 @@ def train(cfg: RunConfig, progress: bool = True) -> RunResult:
     }
     atomic_write_json(run_dir / "manifest.json", manifest)
     print(f"run folder: {run_dir}")
-    try:
-        metrics = _run(
-            cfg, spec, run_dir, tokenizer, source, device, dtype, load_options, blocks, eval_data, progress
-        )
-    except BaseException as exc:
-        manifest.update(
-            status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-            finished_at=now_iso(),
-            error=f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__,
-            traceback=traceback.format_exception(exc)[-3:],
-        )
-        atomic_write_json(run_dir / "manifest.json", manifest)
-        raise
-    manifest.update(status="completed", finished_at=now_iso())
-    atomic_write_json(run_dir / "manifest.json", manifest)
-    return RunResult(run_dir, "completed", metrics)
+    return run_dir, manifest
 
 
 def _run(
@@ -158,12 +200,17 @@ def _run(
     blocks: Blocks,
     eval_data: EvalData | None,
     progress: bool,
+    checkpoint: Path | None,
 ) -> dict[str, Any]:
     model: Any = load_model(source, cfg.model, device, dtype, load_options)
     # Real bytes of the loaded base weights (after quantisation, for 4-bit bases).
     metrics: dict[str, Any] = {"method": cfg.method.name, "base_weights_bytes": model.get_memory_footprint()}
-    if eval_data is not None:
+    base_file = run_dir / "base_metrics.json"
+    if eval_data is not None and checkpoint is not None and base_file.is_file():
+        metrics["base"] = json.loads(base_file.read_text())  # measured before the interruption
+    elif eval_data is not None:
         metrics["base"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "base")
+        atomic_write_json(base_file, metrics["base"])
 
     model = spec.prepare(model, cfg.method)
     counts = count_parameters(model)
@@ -177,15 +224,20 @@ def _run(
         train_dataset=BlockDataset(blocks),
         processing_class=tokenizer,
         optimizers=(optimizer, None),
-        callbacks=[JsonlLogger(run_dir / "log.jsonl")],
+        callbacks=[JsonlLogger(run_dir / "log.jsonl"), CheckpointMarker(), interrupt := GracefulInterrupt()],
     )
     if progress:  # swap the stock bar (which prints every log dict) for one with loss in the bar
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgressBar())
     with ResourceMonitor() as monitor:
         started = time.perf_counter()
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - started
+    if interrupt.requested:
+        print(
+            f"interrupted at step {trainer.state.global_step}; resume with: peftlab train --resume {run_dir}"
+        )
+        raise KeyboardInterrupt
     tokens_seen = trainer.state.num_input_tokens_seen
 
     if eval_data is not None:
