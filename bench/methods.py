@@ -41,8 +41,10 @@ def run_peftlab(case: str, steps: int, out_dir: Path) -> dict:
 
     cfg = validate_config(
         {
+            # document_split=file: the same token stream as the baseline, which tokenises the file whole
             "data": {
                 "train_path": str(TRAIN_TEXT),
+                "document_split": "file",
                 "block_size": BLOCK,
                 "max_train_tokens": BLOCK * BATCH * steps,
             },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # bitsandbytes logs a warning at import on CPUs without its optional kernels package; it is
+    # not actionable and would land on every run's stderr.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # transformers 5 renames arguments and warns on every run; users cannot act on those warnings.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     if getattr(args, "quiet", False):

@@ -49,6 +49,11 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run model code from the hub; off unless you trust it."
     )
+    allow_pickle: bool = Field(
+        False,
+        description="Load pickle weights (pytorch_model.bin) when a folder has no safetensors; they are "
+        "still read with torch.load(weights_only=True). Only for files you trust.",
+    )
 
 
 class DataConfig(Section):

@@ -127,7 +127,13 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
             )
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json; is it a transformers model folder?")
-        if not any(path.glob("*.safetensors")):
+        if not any(path.glob("*.safetensors")) and (any(path.glob("*.bin")) or any(path.glob("*.pt"))):
+            if not cfg.allow_pickle:
+                raise ModelError(
+                    f"model folder {path} has only pickle weights (*.bin); peftlab loads safetensors only. "
+                    "Convert them, or set model.allow_pickle=true if you trust the file"
+                )
+        elif not any(path.glob("*.safetensors")):
             raise ModelError(
                 f"model folder {path} has no *.safetensors weights (peftlab loads safetensors only)"
             )
@@ -224,7 +230,9 @@ def load_model(
         "dtype": dtype,
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
-        "use_safetensors": True,
+        # Pickle weights only when the user opted in; transformers then reads them with
+        # torch.load(weights_only=True), which refuses arbitrary objects.
+        "use_safetensors": None if cfg.allow_pickle else True,
     }
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
@@ -256,6 +264,21 @@ def build_on_meta(source: ModelSource, cfg: ModelConfig) -> Any:
         raise ModelError(f"could not read the config of {source.description}: {exc}") from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+
+def check_lengths(config: Any, block_size: int, window: int | None) -> None:
+    """Sequences longer than the model's position limit would silently degrade or crash later."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    if block_size > limit:
+        raise ModelError(
+            f"data.block_size={block_size} is over the model's limit of {limit} positions; use data.block_size<={limit}"
+        )
+    if window is not None and window > limit:
+        raise ModelError(
+            f"eval.window={window} is over the model's limit of {limit} positions; use eval.window<={limit}"
+        )
 
 
 def model_fingerprint(source: ModelSource) -> str:

@@ -28,6 +28,7 @@ from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
     ModelSource,
     build_on_meta,
+    check_lengths,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -103,7 +104,9 @@ def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None)
     source = resolve_source(cfg.model)
     # Dry run of the method on the architecture alone (meta device): a bad target module or rank
     # fails here, before any weights are read or a run folder exists.
-    spec.prepare(build_on_meta(source, cfg.model), cfg.method)
+    architecture = build_on_meta(source, cfg.model)
+    check_lengths(architecture.config, cfg.data.block_size, cfg.eval.window if cfg.eval.enabled else None)
+    spec.prepare(architecture, cfg.method)
     load_options = spec.load_options(cfg.method, dtype) if spec.load_options else {}
     tokenizer = load_tokenizer(source, cfg.model)
 
@@ -209,7 +212,7 @@ def _run(
     if eval_data is not None and checkpoint is not None and base_file.is_file():
         metrics["base"] = json.loads(base_file.read_text())  # measured before the interruption
     elif eval_data is not None:
-        metrics["base"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "base")
+        metrics["base"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "base", progress)
         atomic_write_json(base_file, metrics["base"])
 
     model = spec.prepare(model, cfg.method)
@@ -241,7 +244,7 @@ def _run(
     tokens_seen = trainer.state.num_input_tokens_seen
 
     if eval_data is not None:
-        metrics["tuned"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "tuned")
+        metrics["tuned"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "tuned", progress)
     artefact = run_dir / spec.artifact
     model.save_pretrained(artefact, safe_serialization=True)
     tokenizer.save_pretrained(artefact)

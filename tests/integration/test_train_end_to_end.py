@@ -88,7 +88,7 @@ def test_same_run_name_never_overwrites(tiny_run_config):
         ("data.train_path=/no/such/file.txt", "data file or folder not found: /no/such/file.txt"),
         ("model.name=/no/such/model", "is neither a built-in alias"),
         ("method.target_modules=[nope]", "match no module; linear modules:"),
-        ("data.block_size=100000", "fewer than one block of data.block_size=100000"),
+        ("data.block_size=100000", "data.block_size=100000 is over the model's limit of 256 positions"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tiny_run_config, tmp_path, capsys, override, message):

@@ -34,6 +34,10 @@ def build_train_blocks(cfg: DataConfig, tokenizer: Any) -> Blocks:
         blocks = group_concatenated(token_docs, cfg.block_size, tokenizer.eos_token_id, cfg.max_train_tokens)
     if len(blocks) == 0:
         total = sum(len(d) for d in token_docs)
+        if cfg.max_train_tokens is not None and total > cfg.max_train_tokens:
+            raise DataError(
+                f"data.max_train_tokens={cfg.max_train_tokens} is fewer than one block of data.block_size={cfg.block_size}"
+            )
         raise DataError(
             f"{cfg.train_path} gives {total} tokens, fewer than one block of data.block_size={cfg.block_size}"
         )

@@ -20,7 +20,7 @@ class EvalData:
 
 
 def evaluate_lm(
-    model: torch.nn.Module, tokenizer: Any, data: EvalData, cfg: EvalConfig, label: str
+    model: torch.nn.Module, tokenizer: Any, data: EvalData, cfg: EvalConfig, label: str, progress: bool = True
 ) -> dict[str, Any]:
     scores = score_tokens(
         model,
@@ -30,5 +30,6 @@ def evaluate_lm(
         batch_size=cfg.batch_size,
         pad_id=tokenizer.pad_token_id or 0,
         desc=f"eval {label}",
+        progress=progress,
     )
     return {**scores.as_dict(), "source": data.source, "metric": "token-level perplexity, sliding window"}

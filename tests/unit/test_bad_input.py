@@ -1,0 +1,228 @@
+"""Every bad input through the CLI: exit code 2, one clear line on stderr, no result left behind.
+
+A row is (id, how to break the tiny run, text the message must contain). New commands add rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from peftlab.cli import main
+
+Breaker = Callable[[dict[str, Any], Path], list[str]]  # mutates the config, returns extra CLI args
+
+
+def override(*items: str) -> Breaker:
+    return lambda cfg, tmp: list(items)
+
+
+def method(section: dict[str, Any]) -> Breaker:
+    def apply(cfg: dict[str, Any], tmp: Path) -> list[str]:
+        cfg["method"] = section
+        return []
+
+    return apply
+
+
+def set_data(text: bytes, key: str = "train_path") -> Breaker:
+    def apply(cfg: dict[str, Any], tmp: Path) -> list[str]:
+        path = tmp / f"bad-{key}.txt"
+        path.write_bytes(text)
+        cfg["data"][key] = str(path)
+        return []
+
+    return apply
+
+
+def model_folder(files: dict[str, bytes]) -> Breaker:
+    def apply(cfg: dict[str, Any], tmp: Path) -> list[str]:
+        folder = tmp / "bad-model"
+        folder.mkdir()
+        for name, content in files.items():
+            (folder / name).write_bytes(content)
+        cfg["model"]["name"] = str(folder)
+        return []
+
+    return apply
+
+
+def fake_gguf(cfg: dict[str, Any], tmp: Path) -> list[str]:
+    path = tmp / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 a zip, not a gguf")
+    cfg["model"]["name"] = str(path)
+    return []
+
+
+def pickle_model(cfg: dict[str, Any], tmp: Path) -> list[str]:
+    folder = tmp / "pickle-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    cfg["model"]["name"] = str(folder)
+    return []
+
+
+def unwritable_output(cfg: dict[str, Any], tmp: Path) -> list[str]:
+    blocker = tmp / "a-file"
+    blocker.write_text("not a folder")
+    cfg["output"]["dir"] = str(blocker / "runs")
+    return []
+
+
+def empty_folder(cfg: dict[str, Any], tmp: Path) -> list[str]:
+    (tmp / "empty-data").mkdir()
+    cfg["data"]["train_path"] = str(tmp / "empty-data")
+    return []
+
+
+CASES: list[tuple[str, Breaker, str]] = [
+    ("unknown-section", override("trian.lr=1"), "unknown config key 'trian' (did you mean 'train'?)"),
+    ("unknown-key", override("method.rank=8"), "unknown config key 'method.rank' (did you mean 'method.r'?)"),
+    ("typo-in-data", override("data.blok_size=8"), "did you mean 'data.block_size'?"),
+    ("negative-lr", override("train.lr=-1"), "train.lr: Input should be greater than 0"),
+    (
+        "zero-batch",
+        override("train.batch_size=0"),
+        "train.batch_size: Input should be greater than or equal to 1",
+    ),
+    ("batch-not-int", override("train.batch_size=many"), "train.batch_size: Input should be a valid integer"),
+    ("dropout-range", override("method.dropout=1.0"), "method.dropout: Input should be less than 1"),
+    ("rank-zero", override("method.r=0"), "method.r: Input should be greater than 0"),
+    ("unknown-method", override("method.name=lorra"), "unknown method 'lorra'; registered methods:"),
+    (
+        "stride-over-window",
+        override("eval.stride=32", "eval.window=16"),
+        "eval.stride (32) must be <= eval.window (16)",
+    ),
+    (
+        "block-size-one",
+        override("data.block_size=1"),
+        "data.block_size: Input should be greater than or equal to 2",
+    ),
+    ("bad-dtype", override("model.dtype=float8"), "model.dtype: Input should be"),
+    ("bad-override-form", override("train"), "is not of the form key.sub=value"),
+    (
+        "zero-token-budget",
+        override("data.max_train_tokens=0"),
+        "data.max_train_tokens: Input should be greater than or equal to 1",
+    ),
+    (
+        "missing-train-file",
+        override("data.train_path=/no/such/file.raw"),
+        "data file or folder not found: /no/such/file.raw",
+    ),
+    (
+        "missing-eval-file",
+        override("data.eval_path=/no/such/eval.raw"),
+        "data file or folder not found: /no/such/eval.raw",
+    ),
+    ("no-eval-path", override("data.eval_path=null"), "data.eval_path is not set"),
+    ("empty-data", set_data(b""), "holds no text"),
+    ("whitespace-data", set_data(b"\n\n   \n"), "holds no text"),
+    ("undecodable-bytes", set_data(b"fine line\n\xff\xfe broken\n"), "line 2 is not valid UTF-8"),
+    ("folder-without-text", empty_folder, "has no text files"),
+    (
+        "too-little-data",
+        override("data.max_train_tokens=10"),
+        "data.max_train_tokens=10 is fewer than one block of data.block_size=32",
+    ),
+    ("missing-model", override("model.name=/no/such/model"), "is neither a built-in alias"),
+    ("not-a-model-name", override("model.name=just words"), "is neither a built-in alias"),
+    ("model-without-weights", model_folder({"config.json": b"{}"}), "has no *.safetensors weights"),
+    ("model-without-config", model_folder({"model.safetensors": b""}), "has no config.json"),
+    ("pickle-weights", pickle_model, "has only pickle weights (*.bin); peftlab loads safetensors only"),
+    ("gguf-not-gguf", fake_gguf, "is not a GGUF file"),
+    ("target-matches-nothing", override("method.target_modules=[qkv]"), "match no module; linear modules:"),
+    (
+        "regex-matches-nothing",
+        override("method.target_modules=nothing.*"),
+        "matches no module; linear modules:",
+    ),
+    ("galore-rank-too-big", method({"name": "galore", "rank": 999}), "galore.rank=999 is larger than layer"),
+    ("freeze-too-many-layers", method({"name": "freeze", "last_layers": 9}), "but the model has 2 layers"),
+    (
+        "block-over-model-limit",
+        override("data.block_size=4096"),
+        "data.block_size=4096 is over the model's limit of 256",
+    ),
+    (
+        "window-over-model-limit",
+        override("eval.window=4096", "eval.stride=8"),
+        "eval.window=4096 is over the model's limit of 256",
+    ),
+    ("cuda-without-gpu", override("model.device=cuda"), "no CUDA device is visible"),
+    ("output-not-writable", unwritable_output, "cannot create output folder"),
+]
+
+
+@pytest.mark.parametrize(("name", "breaker", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_clear_line(tiny_run_config, tmp_path, capsys, name, breaker, message):
+    if name == "cuda-without-gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    extra = breaker(tiny_run_config, tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config))
+    capsys.readouterr()
+    code = main(["train", str(config), *extra, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("peftlab: error: "), err
+    assert "Traceback" not in err
+    assert message in err
+    runs = Path(tiny_run_config["output"]["dir"])
+    assert not list(runs.glob("**/metrics.json")), "a failed run must leave no result"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "/no/such/config.yaml"], "config file not found: /no/such/config.yaml"),
+        (["train", "--resume", "/no/such/run"], "is not a peftlab run folder"),
+        (["train"], "give a config file (see configs/) or --resume RUN_DIR"),
+    ],
+)
+def test_bad_command_lines(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_broken_yaml_and_non_mapping_yaml(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    assert main(["train", str(broken)]) == 2
+    assert "is not valid YAML (line 2)" in capsys.readouterr().err
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    assert main(["train", str(listing)]) == 2
+    assert "must hold a mapping of sections" in capsys.readouterr().err
+
+
+def test_allow_pickle_is_an_explicit_opt_in(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.config import ModelConfig
+    from peftlab.models import load_model, resolve_source
+
+    folder = tmp_path / "bin-model"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder / "config.json")
+    torch.save(load_file(tiny_model_dir / "model.safetensors"), folder / "pytorch_model.bin")
+    with pytest.raises(Exception, match="only pickle weights"):
+        resolve_source(ModelConfig(name=str(folder)))
+    cfg = ModelConfig(name=str(folder), allow_pickle=True)
+    model = load_model(resolve_source(cfg), cfg, torch.device("cpu"), torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
