@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except PeftlabError as exc:
-        print(f"peftlab: error: {exc}", file=sys.stderr)
+        message = str(exc).replace("\n", " ")  # the contract is one line, whatever an error holds
+        print(f"peftlab: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("peftlab: interrupted", file=sys.stderr)

@@ -196,7 +196,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text") from None
     if loaded is None:
@@ -248,7 +249,7 @@ def _check_unknown_keys(raw: Any, cls: type[BaseModel], prefix: str) -> None:
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
             close = close or [v for v in valid if str(key).startswith(v) or v.startswith(str(key))][:1]
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
-            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
         sub = _section_class(cls, key, value)
         if sub is not None:
             _check_unknown_keys(value, sub, f"{dotted}.")
@@ -259,7 +260,9 @@ def _first_error_line(exc: ValidationError) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
-        return f"missing required config key '{loc}'"
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{loc}: {msg}{shown}" if loc else msg
+        line = f"missing required config key '{loc}'"
+    else:
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        line = f"{loc}: {msg}{shown}" if loc else msg
+    return line.replace("\n", "\\n")  # one line, whatever the user's keys and values hold

@@ -66,6 +66,27 @@ def create_run_dir(parent: str | Path, name: str) -> Path:
     raise PeftlabError(f"too many runs named {name!r} in {parent}")
 
 
+def load_run(run_dir: str | Path, allow_unfinished: bool = False) -> dict[str, Any]:
+    """A run's manifest and metrics, for reports: failed or unfinished runs are refused unless asked."""
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise PeftlabError(f"{run_dir} is not a peftlab run folder (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PeftlabError(f"{manifest_path} is not valid JSON") from None
+    status = manifest.get("status")
+    metrics_path = run_dir / "metrics.json"
+    if status != "completed" and not allow_unfinished:
+        hint = f": {manifest['error']}" if manifest.get("error") else ""
+        raise PeftlabError(f"run {run_dir} is {status}{hint}; pass allow_unfinished to include it anyway")
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else None
+    if metrics is None and not allow_unfinished:
+        raise PeftlabError(f"run {run_dir} has no metrics.json")
+    return {"run_dir": str(run_dir), "manifest": manifest, "metrics": metrics}
+
+
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in TRACKED_PACKAGES:
