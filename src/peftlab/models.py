@@ -239,7 +239,8 @@ def load_model(
         kwargs.pop("use_safetensors")
     kwargs.update(extra or {})
     if "quantization_config" in kwargs:
-        kwargs["device_map"] = {"": device}  # bitsandbytes quantises while placing the weights
+        # bitsandbytes quantises while placing the weights, so the device goes in as a device map
+        kwargs["device_map"] = {"": (device.index or 0) if device.type == "cuda" else str(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except OSError as exc:
