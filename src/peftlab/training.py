@@ -19,8 +19,8 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from peftlab.callbacks import JsonlLogger, read_log
 from peftlab.config import RunConfig
-from peftlab.data.lm import build_eval_tokens, build_train_blocks
-from peftlab.data.packing import BlockDataset, Blocks
+from peftlab.data.lm import build_eval_tokens
+from peftlab.data.task import TaskData, build_task_data
 from peftlab.evaluation.suite import EvalData, evaluate_lm
 from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
@@ -94,9 +94,9 @@ def train(cfg: RunConfig, progress: bool = True) -> RunResult:
     tokenizer = load_tokenizer(source, cfg.model)
 
     # Data first: bad data fails before a run folder or a model exists.
-    blocks = build_train_blocks(cfg.data, tokenizer)
+    task = build_task_data(cfg.data, tokenizer, cfg.train.seed)
     eval_data = None
-    if cfg.eval.enabled:
+    if cfg.eval.enabled and (cfg.data.kind == "text" or cfg.data.eval_path):
         ids, _ = build_eval_tokens(cfg.data, tokenizer)
         eval_data = EvalData(ids, str(cfg.data.eval_path))
 
@@ -115,9 +115,7 @@ def train(cfg: RunConfig, progress: bool = True) -> RunResult:
         },
         "data": {
             "train_path": cfg.data.train_path,
-            "train_blocks": len(blocks),
-            "train_real_tokens": blocks.real_tokens,
-            "padding_waste": blocks.padding_waste,
+            **task.stats,
             "eval_path": cfg.data.eval_path,
             "eval_tokens": len(eval_data.ids) if eval_data else 0,
         },
@@ -125,7 +123,7 @@ def train(cfg: RunConfig, progress: bool = True) -> RunResult:
     atomic_write_json(run_dir / "manifest.json", manifest)
     print(f"run folder: {run_dir}")
     try:
-        metrics = _run(cfg, spec, run_dir, tokenizer, source, device, dtype, blocks, eval_data, progress)
+        metrics = _run(cfg, spec, run_dir, tokenizer, source, device, dtype, task, eval_data, progress)
     except BaseException as exc:
         manifest.update(
             status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
@@ -148,7 +146,7 @@ def _run(
     source: ModelSource,
     device: torch.device,
     dtype: torch.dtype,
-    blocks: Blocks,
+    task: TaskData,
     eval_data: EvalData | None,
     progress: bool,
 ) -> dict[str, Any]:
@@ -167,7 +165,8 @@ def _run(
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, run_dir, device, dtype, progress),
-        train_dataset=BlockDataset(blocks),
+        train_dataset=task.train_dataset,
+        data_collator=task.collator,
         processing_class=tokenizer,
         optimizers=(optimizer, None),
         callbacks=[JsonlLogger(run_dir / "log.jsonl")],
