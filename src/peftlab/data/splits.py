@@ -61,6 +61,7 @@ def remove_overlap(
     def content(rec: dict[str, Any]) -> dict[str, Any]:
         return {"text": rec["text"]} if "label" in rec else rec
 
+    counts.update({"overlap_removed_exact": 0, "overlap_removed_normalised": 0})
     exact = {record_key(content(r), False) for r in test}
     loose = {record_key(content(r), True) for r in test}
     kept = []
