@@ -142,16 +142,22 @@ def normalise(
     label_names: list[str] | None,
     on_error: str,
     counts: Counter[str],
+    kept: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Normalised records; bad ones raise one DataError line, or are skipped and counted."""
+    """Normalised records; bad ones raise one DataError line, or are skipped and counted.
+
+    `kept`, when given, receives the index in `records` of every record that was kept.
+    """
     if not records:
         raise DataError("the data set is empty (no records)")
     if fmt == "auto":
         fmt = detect_format(records[0].fields, mapping)
     out = []
-    for rec in records:
+    for index, rec in enumerate(records):
         try:
             out.append(normalise_record(rec, fmt, mapping, label_names, counts))
+            if kept is not None:
+                kept.append(index)
         except Skipped as exc:
             if on_error == "fail":
                 raise DataError(f"{exc} (set data.on_error=skip to skip such records)") from None

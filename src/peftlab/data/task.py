@@ -41,10 +41,14 @@ def _load_normalised(path: str, cfg: DataConfig, counts: Counter[str]) -> list[d
     fmt = (
         cfg.format if cfg.format != "auto" else ("classification" if cfg.kind == "classification" else "auto")
     )
-    records = normalise(raw, fmt, cfg.fields, cfg.label_names, cfg.on_error, counts)
+    kept: list[int] = []
+    records = normalise(raw, fmt, cfg.fields, cfg.label_names, cfg.on_error, counts, kept)
     if cfg.group_key is not None:  # carry the group key for the split; removed again afterwards
-        for rec, r in zip(records, raw, strict=False):
-            rec["_group"] = str(r.fields.get(cfg.fields.get(cfg.group_key, cfg.group_key), ""))
+        key = cfg.fields.get(cfg.group_key, cfg.group_key)
+        for rec, index in zip(records, kept, strict=True):
+            if key not in raw[index].fields:
+                raise DataError(f"{raw[index].where}: missing group field {key!r} (data.group_key)")
+            rec["_group"] = str(raw[index].fields[key])
     return records
 
 
