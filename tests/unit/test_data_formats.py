@@ -70,3 +70,16 @@ def test_tokenised_cache_is_reused(tmp_path, tiny_tokenizer, monkeypatch):
     assert first.train_dataset.blocks.input_ids == second.train_dataset.blocks.input_ids  # type: ignore[attr-defined]
     other = build_task_data(cfg.model_copy(update={"max_seq_len": 512}), tiny_tokenizer)
     assert "cache_hit" not in other.stats  # settings are part of the key
+
+
+def test_parquet_and_json_array(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": ["P"], "completion": ["C"]}), p)
+    assert load_raw(str(p))[0].fields == {"prompt": "P", "completion": "C"}
+    q = tmp_path / "d.json"
+    q.write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
+    assert [r.fields["text"] for r in load_raw(str(q))] == ["a", "b"]
+    assert load_raw(str(q))[1].where.endswith("d.json: record 1")
