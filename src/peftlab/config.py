@@ -57,8 +57,12 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    kind: Literal["text"] = Field("text", description="Record kind: raw text for language modelling.")
-    train_path: str = Field(..., description="A text file or a folder of .txt/.raw files to train on.")
+    kind: Literal["text", "classification", "chat"] = Field(
+        "text", description="Record kind: text (language modelling), classification (text + label), chat."
+    )
+    train_path: str = Field(
+        ..., description="A text file/folder, a jsonl/json/csv/tsv/parquet file, or a hub data set name."
+    )
     eval_path: str | None = Field(None, description="Held-out text to evaluate perplexity on.")
     block_size: int = Field(512, ge=2, description="Tokens per training block.")
     document_split: Literal["file", "blank_lines", "wikitext_headings"] = Field(
@@ -77,6 +81,46 @@ class DataConfig(Section):
     max_eval_tokens: int | None = Field(
         None, ge=2, description="Evaluate on the first N tokens of eval_path only."
     )
+    # --- structured data (data/formats.py, templates.py, splits.py); the text path ignores these ---
+    format: Literal[
+        "auto", "text", "alpaca", "sharegpt", "messages", "prompt_completion", "classification"
+    ] = Field("auto", description="Record format; auto detects it from the fields of the first record.")
+    file_format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "hub"] = Field(
+        "auto", description="File format; auto uses the file suffix."
+    )
+    header: bool | None = Field(None, description="csv/tsv: first row is a header (None: guess).")
+    columns: list[str] | None = Field(None, description="csv/tsv without header: column names.")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Field mapping, canonical name -> name in the data (text: sentence).",
+    )
+    test_path: str | None = Field(None, description="Held-out records; else split from train_path.")
+    label_names: list[str] | None = Field(
+        None, description="Label names; integer labels index this list. None: the sorted labels in the data."
+    )
+    prompt_template: str = Field(
+        "{text}\nAnswer:", description="Classification prompt ({text}); the label follows after a space."
+    )
+    chat_template: Literal["model", "chatml"] = Field(
+        "model", description="model: the tokenizer's own template (chatml when it has none)."
+    )
+    train_on: Literal["assistant", "all"] = Field("assistant", description="Which tokens carry loss in chat.")
+    max_seq_len: int = Field(1024, ge=8, description="Longest example / packed block, in tokens.")
+    packing: bool = Field(
+        True, description="Pack short examples into max_seq_len blocks (no cross attention)."
+    )
+    truncation: Literal["truncate", "drop"] = Field("truncate", description="Over-long examples.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="Bad records: stop, or skip and count.")
+    sample: float | None = Field(
+        None, gt=0, description="Use n records (>= 1) or a fraction (< 1) of train, seeded."
+    )
+    test_sample: float | None = Field(None, gt=0, description="Same for the held-out records.")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share when there is no test_path.")
+    group_key: str | None = Field(
+        None, description="Split by this field (e.g. conversation_id), never by record."
+    )
+    dedupe: bool = Field(True, description="Remove train records that also occur in the test set.")
+    cache: bool = Field(True, description="Cache tokenised data (keyed by data, tokenizer and settings).")
 
 
 class TrainConfig(Section):

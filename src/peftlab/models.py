@@ -267,19 +267,18 @@ def build_on_meta(source: ModelSource, cfg: ModelConfig) -> Any:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
 
-def check_lengths(config: Any, block_size: int, window: int | None) -> None:
-    """Sequences longer than the model's position limit would silently degrade or crash later."""
+def check_lengths(config: Any, lengths: dict[str, int | None]) -> None:
+    """Sequences longer than the model's position limit would silently degrade or crash later.
+
+    `lengths` maps a config key (e.g. 'data.block_size') to the length it asks for."""
     limit = getattr(config, "max_position_embeddings", None)
     if limit is None:
         return
-    if block_size > limit:
-        raise ModelError(
-            f"data.block_size={block_size} is over the model's limit of {limit} positions; use data.block_size<={limit}"
-        )
-    if window is not None and window > limit:
-        raise ModelError(
-            f"eval.window={window} is over the model's limit of {limit} positions; use eval.window<={limit}"
-        )
+    for key, length in lengths.items():
+        if length is not None and length > limit:
+            raise ModelError(
+                f"{key}={length} is over the model's limit of {limit} positions; use {key}<={limit}"
+            )
 
 
 def model_fingerprint(source: ModelSource) -> str:

@@ -21,8 +21,8 @@ from transformers.trainer_callback import ProgressCallback
 
 from peftlab.callbacks import JsonlLogger, LossProgressBar, read_log
 from peftlab.config import RunConfig
-from peftlab.data.lm import build_eval_tokens, build_train_blocks
-from peftlab.data.packing import BlockDataset, Blocks
+from peftlab.data.lm import build_eval_tokens
+from peftlab.data.task import TaskData, build_task_data
 from peftlab.evaluation.suite import EvalData, evaluate_lm
 from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
@@ -105,15 +105,22 @@ def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None)
     # Dry run of the method on the architecture alone (meta device): a bad target module or rank
     # fails here, before any weights are read or a run folder exists.
     architecture = build_on_meta(source, cfg.model)
-    check_lengths(architecture.config, cfg.data.block_size, cfg.eval.window if cfg.eval.enabled else None)
+    length_key = "data.block_size" if cfg.data.kind == "text" else "data.max_seq_len"
+    check_lengths(
+        architecture.config,
+        {
+            length_key: getattr(cfg.data, length_key.split(".")[1]),
+            "eval.window": cfg.eval.window if cfg.eval.enabled else None,
+        },
+    )
     spec.prepare(architecture, cfg.method)
     load_options = spec.load_options(cfg.method, dtype) if spec.load_options else {}
     tokenizer = load_tokenizer(source, cfg.model)
 
     # Data first: bad data fails before a run folder or a model exists.
-    blocks = build_train_blocks(cfg.data, tokenizer)
+    task = build_task_data(cfg.data, tokenizer, cfg.train.seed)
     eval_data = None
-    if cfg.eval.enabled:
+    if cfg.eval.enabled and (cfg.data.kind == "text" or cfg.data.eval_path):
         ids, _ = build_eval_tokens(cfg.data, tokenizer)
         eval_data = EvalData(ids, str(cfg.data.eval_path))
 
@@ -126,7 +133,7 @@ def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None)
         atomic_write_json(run_dir / "manifest.json", manifest)
         print(f"resuming {run_dir} from {checkpoint.name}")
     else:
-        run_dir, manifest = _new_run(cfg, device, dtype, source, blocks, eval_data)
+        run_dir, manifest = _new_run(cfg, device, dtype, source, task, eval_data)
     try:
         metrics = _run(
             cfg,
@@ -137,7 +144,7 @@ def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None)
             device,
             dtype,
             load_options,
-            blocks,
+            task,
             eval_data,
             progress,
             checkpoint,
@@ -161,7 +168,7 @@ def _new_run(
     device: torch.device,
     dtype: torch.dtype,
     source: ModelSource,
-    blocks: Blocks,
+    task: TaskData,
     eval_data: EvalData | None,
 ) -> tuple[Path, dict[str, Any]]:
     run_dir = create_run_dir(cfg.output.dir, default_run_name(cfg))
@@ -179,9 +186,7 @@ def _new_run(
         },
         "data": {
             "train_path": cfg.data.train_path,
-            "train_blocks": len(blocks),
-            "train_real_tokens": blocks.real_tokens,
-            "padding_waste": blocks.padding_waste,
+            **task.stats,
             "eval_path": cfg.data.eval_path,
             "eval_tokens": len(eval_data.ids) if eval_data else 0,
         },
@@ -200,7 +205,7 @@ def _run(
     device: torch.device,
     dtype: torch.dtype,
     load_options: dict[str, Any],
-    blocks: Blocks,
+    task: TaskData,
     eval_data: EvalData | None,
     progress: bool,
     checkpoint: Path | None,
@@ -224,7 +229,8 @@ def _run(
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, spec, run_dir, device, dtype, progress),
-        train_dataset=BlockDataset(blocks),
+        train_dataset=task.train_dataset,
+        data_collator=task.collator,
         processing_class=tokenizer,
         optimizers=(optimizer, None),
         callbacks=[JsonlLogger(run_dir / "log.jsonl"), CheckpointMarker(), interrupt := GracefulInterrupt()],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -93,3 +94,121 @@ class BlockDataset(torch.utils.data.Dataset):
             "labels": torch.tensor(self.blocks.labels[index]),
             "attention_mask": torch.tensor(self.blocks.attention_mask[index]),
         }
+
+
+# --- packing of variable-length examples (chat, classification) ---------------------------------
+
+
+@dataclass
+class PackedBlocks:
+    """Rows of one or more whole examples; position ids restart at 0 at each example."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    position_ids: list[list[int]]
+    real_tokens: int
+    row_length: int  # the length rows are padded to (max_seq_len when packed)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def pad_tokens(self) -> int:
+        return len(self) * self.row_length - self.real_tokens
+
+    @property
+    def padding_waste(self) -> float:
+        total = len(self) * self.row_length
+        return self.pad_tokens / total if total else 0.0
+
+
+def pack_examples(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], max_seq_len: int, packing: bool
+) -> PackedBlocks:
+    """Greedy in-order packing: append an example to the current row while it fits.
+
+    The first label of every example is masked: in a packed row it would be predicted from the end
+    of the previous example, which an example alone never sees. Without packing, one example a row.
+    """
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for ex_ids, ex_labels in examples:
+        if ids and (not packing or len(ids) + len(ex_ids) > max_seq_len):
+            rows.append((ids, labels, positions))
+            ids, labels, positions = [], [], []
+        ids.extend(ex_ids)
+        labels.extend([IGNORE_INDEX, *ex_labels[1:]])
+        positions.extend(range(len(ex_ids)))
+    if ids:
+        rows.append((ids, labels, positions))
+    real = sum(len(r[0]) for r in rows)
+    row_length = max_seq_len if packing else max((len(r[0]) for r in rows), default=0)
+    return PackedBlocks([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], real, row_length)
+
+
+def block_diagonal_causal_mask(
+    position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(B, L) position ids -> (B, 1, L, L) additive mask: causal, and no attention across examples.
+
+    An example starts wherever the position id does not follow on from its left neighbour.
+    """
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    segment = starts.cumsum(-1)  # (B, L) example index per token
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = causal[None] & (segment[:, :, None] == segment[:, None, :])  # (B, L, L)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    def __init__(self, blocks: PackedBlocks):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        b = self.blocks
+        return {
+            "input_ids": b.input_ids[index],
+            "labels": b.labels[index],
+            "position_ids": b.position_ids[index],
+        }
+
+
+class PackedCollator:
+    """Pads rows to the longest in the batch (padding is its own segment, labels masked).
+
+    No attention_mask is passed: transformers then reads example boundaries from the restarting
+    position ids and builds the block-diagonal causal mask itself (sdpa/eager on the CPU), and flash
+    attention on CUDA runs the padding-free varlen path from the same position ids. The explicit
+    4D mask (block_diagonal_causal_mask) is kept for models that do not, and the tests compare both.
+    """
+
+    def __init__(self, pad_id: int, explicit_mask: bool = False):
+        self.pad_id = pad_id
+        self.explicit_mask = explicit_mask
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        length = max(len(r["input_ids"]) for r in rows)
+        ids, labels, positions = [], [], []
+        for r in rows:
+            n_pad = length - len(r["input_ids"])
+            ids.append(r["input_ids"] + [self.pad_id] * n_pad)
+            labels.append(r["labels"] + [IGNORE_INDEX] * n_pad)
+            positions.append(r["position_ids"] + list(range(n_pad)))
+        batch = {
+            "input_ids": torch.tensor(ids),  # (B, L)
+            "labels": torch.tensor(labels),  # (B, L)
+            "position_ids": torch.tensor(positions),  # (B, L)
+        }
+        # transformers only reads packed boundaries from position ids when no KV cache is built
+        batch["use_cache"] = False  # type: ignore[assignment]
+        if self.explicit_mask:
+            batch["attention_mask"] = block_diagonal_causal_mask(batch["position_ids"])  # (B, 1, L, L)
+        return batch
