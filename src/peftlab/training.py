@@ -97,8 +97,8 @@ def train(cfg: RunConfig, progress: bool = True) -> RunResult:
     blocks = build_train_blocks(cfg.data, tokenizer)
     eval_data = None
     if cfg.eval.enabled:
-        ids, _ = build_eval_tokens(cfg.data, tokenizer)
-        eval_data = EvalData(ids, str(cfg.data.eval_path))
+        ids, text = build_eval_tokens(cfg.data, tokenizer)
+        eval_data = EvalData(ids, str(cfg.data.eval_path), documents=[text])
 
     run_dir = create_run_dir(cfg.output.dir, default_run_name(cfg))
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
