@@ -46,3 +46,25 @@ def test_instruction_prompt_renders_messages_before_the_last_answer(tiny_tokeniz
     assert ids == tok(want, add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="assistant"):
         instruction_prompt(tok, msgs[:1])
+
+
+def test_answer_loss_scores_only_answer_tokens():
+    from peftlab.evaluation.generation import answer_loss
+
+    table = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.5], [2.0, 1.0, 0.0]])
+
+    class Bigram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = torch.nn.Parameter(table)
+
+        def forward(self, input_ids, attention_mask=None):
+            return type("Out", (), {"logits": self.t[input_ids]})()  # [B, T, V]
+
+    logp = torch.log_softmax(table, dim=-1)
+    prompts, answers = [[1, 2, 2], [0]], [[1, 0], [2, 2, 1]]
+    want = -(logp[2, 1] + logp[1, 0] + logp[0, 2] + logp[2, 2] + logp[2, 1]).item() / 5
+    for batch_size in (1, 2):
+        out = answer_loss(Bigram(), prompts, answers, batch_size=batch_size)
+        assert out["answer_tokens"] == 5
+        assert abs(out["answer_nll"] - want) < 1e-6

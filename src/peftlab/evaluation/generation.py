@@ -7,6 +7,7 @@ output equals what the prompt alone gives.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -61,3 +62,39 @@ def generate_greedy(
             out.append(row)
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def answer_loss(
+    model: Any, prompts: list[list[int]], answers: list[list[int]], pad_id: int = 0, batch_size: int = 8
+) -> dict[str, float | int]:
+    """Mean NLL and perplexity of the reference answers given their prompts: only answer tokens are
+    scored (prompt and padding never count)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll_sum, n_tokens = 0.0, 0
+    for i in range(0, len(prompts), batch_size):
+        seqs = [p + a for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size], strict=True)]
+        width = max(len(s) for s in seqs)
+        inputs = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, T]
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, (s, p) in enumerate(zip(seqs, prompts[i : i + batch_size], strict=True)):
+            inputs[row, : len(s)] = torch.tensor(s)
+            labels[row, len(p) : len(s)] = torch.tensor(s[len(p) :])
+            mask[row, : len(s)] = 1
+        logits = model(
+            input_ids=inputs.to(device), attention_mask=mask.to(device)
+        ).logits.float()  # [B, T, V]
+        shifted = labels[:, 1:].to(device)  # [B, T-1]: position t predicts token t+1
+        nll_sum += torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)),
+            shifted.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        ).item()
+        n_tokens += int((shifted != -100).sum())
+    model.train(was_training)
+    mean = nll_sum / max(n_tokens, 1)
+    return {"answer_nll": mean, "answer_perplexity": math.exp(mean), "answer_tokens": n_tokens}
