@@ -121,8 +121,8 @@ def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None)
     task = build_task_data(cfg.data, tokenizer, cfg.train.seed)
     eval_data = None
     if cfg.eval.enabled and (cfg.data.kind == "text" or cfg.data.eval_path):
-        ids, _ = build_eval_tokens(cfg.data, tokenizer)
-        eval_data = EvalData(ids, str(cfg.data.eval_path))
+        ids, text = build_eval_tokens(cfg.data, tokenizer)
+        eval_data = EvalData(ids, str(cfg.data.eval_path), documents=[text])
 
     if resume_dir is not None and checkpoint is not None:
         run_dir = resume_dir

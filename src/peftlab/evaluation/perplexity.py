@@ -64,6 +64,22 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
     return spans
 
 
+def rolling_windows(n_tokens: int, window: int) -> list[tuple[int, int, int]]:
+    """lm-evaluation-harness's rolling windows (get_rolling_token_windows, context_len=1) in the
+    (begin, end, first_scored) form of `sliding_windows`: disjoint targets of up to L tokens, and the
+    last window right-aligned so that it sees a full L tokens of context. Callers put the prefix
+    token (EOS) at position 0 so the document's first token is scored too."""
+    spans = []
+    last_target = n_tokens - 1
+    scored_until = 1
+    while scored_until <= last_target:
+        end = min(scored_until - 1 + window, last_target)  # targets scored_until..end
+        begin = max(0, end - window)
+        spans.append((begin, end, scored_until))
+        scored_until = end + 1
+    return spans
+
+
 @torch.no_grad()
 def score_tokens(
     model: torch.nn.Module,
@@ -74,12 +90,14 @@ def score_tokens(
     pad_id: int = 0,
     progress: bool = True,
     desc: str = "perplexity",
+    spans: list[tuple[int, int, int]] | None = None,
 ) -> LMScores:
     """Sum NLL and argmax hits over every predicted token of `ids`, windows batched."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    spans = sliding_windows(len(ids), window, stride)
+    if spans is None:
+        spans = sliding_windows(len(ids), window, stride)
     tokens = torch.tensor(ids, dtype=torch.long)
     nll_sum, scored, correct = 0.0, 0, 0
     batches = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from peftlab.config import EvalConfig
+from peftlab.evaluation.lm_units import score_documents
 from peftlab.evaluation.perplexity import score_tokens
 
 
@@ -17,6 +18,7 @@ class EvalData:
 
     ids: list[int]
     source: str
+    documents: list[str] | None = None  # original text(s) for word/byte perplexity (lm_units)
 
 
 def evaluate_lm(
@@ -32,4 +34,14 @@ def evaluate_lm(
         desc=f"eval {label}",
         progress=progress,
     )
-    return {**scores.as_dict(), "source": data.source, "metric": "token-level perplexity, sliding window"}
+    out: dict[str, Any] = {
+        **scores.as_dict(),
+        "source": data.source,
+        "metric": "token-level perplexity, sliding window",
+    }
+    if data.documents:
+        units = score_documents(
+            model, tokenizer, data.documents, window=cfg.window, batch_size=cfg.batch_size
+        )
+        out["units"] = units.as_dict()  # word/byte perplexity, bits per byte (harness definition)
+    return out

@@ -23,6 +23,16 @@ def before_after_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
             _fmt(tuned.get("perplexity"), ".3f"),
         ),
         ("token accuracy", _fmt(base.get("token_accuracy"), ".4f"), _fmt(tuned.get("token_accuracy"), ".4f")),
+        (
+            f"word perplexity (lm-eval-harness, L={base.get('units', {}).get('window')})",
+            _fmt(base.get("units", {}).get("word_perplexity"), ".3f"),
+            _fmt(tuned.get("units", {}).get("word_perplexity"), ".3f"),
+        ),
+        (
+            "bits per byte",
+            _fmt(base.get("units", {}).get("bits_per_byte"), ".4f"),
+            _fmt(tuned.get("units", {}).get("bits_per_byte"), ".4f"),
+        ),
         ("eval tokens scored", _fmt(base.get("tokens"), ",d"), _fmt(tuned.get("tokens"), ",d")),
         ("train time", "", f"{metrics.get('train_seconds', 0):.1f} s"),
         ("train tokens/s (real tokens)", "", _fmt(metrics.get("tokens_per_second"), ".1f")),

@@ -1,0 +1,24 @@
+import json
+
+import pytest
+
+from peftlab.evaluation.compare import forgetting, write_samples
+from peftlab.evaluation.perplexity import LMScores
+
+
+def test_forgetting_is_tuned_minus_base_cross_entropy():
+    out = forgetting(LMScores(20.0, 10, 3, 8, 4), LMScores(25.0, 10, 2, 8, 4))
+    assert out["forgetting"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same tokens"):
+        forgetting(LMScores(20.0, 10, 3, 8, 4), LMScores(25.0, 11, 2, 8, 4))
+
+
+def test_samples_are_written_as_jsonl_and_markdown(tmp_path):
+    write_samples(tmp_path, ["Hi?", "Why?"], ["b1", "b2"], ["t1", "t2"])
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert rows == [
+        {"prompt": "Hi?", "base": "b1", "tuned": "t1"},
+        {"prompt": "Why?", "base": "b2", "tuned": "t2"},
+    ]
+    md = (tmp_path / "samples.md").read_text()
+    assert "## 2. Why?" in md and md.index("b2") < md.index("t2")
