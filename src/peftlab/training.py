@@ -37,7 +37,6 @@ from peftlab.models import (
     resolve_source,
 )
 from peftlab.params import count_parameters
-from peftlab.reports.plots import plot_loss
 from peftlab.resources import ResourceMonitor, gib
 from peftlab.resume import (
     CheckpointMarker,
@@ -114,6 +113,7 @@ def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None)
         },
     )
     spec.prepare(architecture, cfg.method)
+    del architecture
     load_options = spec.load_options(cfg.method, dtype) if spec.load_options else {}
     tokenizer = load_tokenizer(source, cfg.model)
 
@@ -274,6 +274,8 @@ def _run(
     )
     atomic_write_json(run_dir / "metrics.json", metrics)
     if losses:
+        from peftlab.reports.plots import plot_loss  # matplotlib costs ~35 MB RSS: load it after training
+
         plot_loss(
             log,
             run_dir / "plots" / "loss.png",
