@@ -142,6 +142,12 @@ class TrainConfig(Section):
     save_steps: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
     logging_steps: int = Field(1, ge=1)
+    loss: Literal["auto", "chunked", "standard"] = Field(
+        "auto",
+        description="chunked: the causal-LM loss a chunk of tokens at a time, never holding the whole "
+        "logits tensor (less memory, faster); standard: the model's own loss; auto: chunked when it "
+        "equals the model's own loss on the first batch, else standard.",
+    )
 
 
 class EvalConfig(Section):

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_callback import ProgressCallback
 
+from peftlab.allocator import tame_glibc_malloc
 from peftlab.callbacks import JsonlLogger, LossProgressBar, read_log
 from peftlab.config import RunConfig
 from peftlab.data.lm import build_eval_tokens
 from peftlab.data.task import TaskData, build_task_data
+from peftlab.errors import MethodError
 from peftlab.evaluation.suite import EvalData, evaluate_lm
 from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
@@ -46,6 +48,7 @@ from peftlab.resume import (
     trim_log,
 )
 from peftlab.runs import atomic_write_json, atomic_write_text, base_manifest, create_run_dir, now_iso
+from peftlab.trainer import PeftlabTrainer, chunked_loss_agrees
 
 
 @dataclass
@@ -93,9 +96,30 @@ def training_arguments(
     )
 
 
+def choose_loss(setting: str, model: Any, task: TaskData, device: torch.device) -> str:
+    """'chunked' or 'standard': auto takes the chunked loss when it equals the model's own on a
+    real training example; asking for chunked where it does not agree is an error."""
+    if setting == "standard":
+        return "standard"
+    first = {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v
+        for k, v in (task.collator or default_data_collator)([task.train_dataset[0]]).items()
+    }
+    ok, why = chunked_loss_agrees(model, first)
+    if ok:
+        return "chunked"
+    if setting == "chunked":
+        raise MethodError(
+            f"train.loss=chunked cannot be used with this model: {why}; use train.loss=standard"
+        )
+    print(f"using the model's own loss: the chunked loss {why}")
+    return "standard"
+
+
 def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None) -> RunResult:
     """Train as `cfg` says; with `resume_dir`, continue that run from its newest complete checkpoint."""
     checkpoint = checkpoint_to_resume(resume_dir) if resume_dir is not None else None
+    tame_glibc_malloc()  # peak RSS close to live memory on CPU (allocator.py)
     spec = get_method(cfg.method.name)
     set_seed(cfg.train.seed)
     device = pick_device(cfg.model.device)
@@ -226,7 +250,8 @@ def _run(
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()  # so checkpointed blocks see a grad path with a frozen base
     optimizer = spec.make_optimizer(model, cfg.method, cfg.train) if spec.make_optimizer else None
-    trainer = Trainer(
+    metrics["loss_impl"] = choose_loss(cfg.train.loss, model, task, device)
+    trainer = PeftlabTrainer(
         model=model,
         args=training_arguments(cfg, spec, run_dir, device, dtype, progress),
         train_dataset=task.train_dataset,
@@ -234,6 +259,7 @@ def _run(
         processing_class=tokenizer,
         optimizers=(optimizer, None),
         callbacks=[JsonlLogger(run_dir / "log.jsonl"), CheckpointMarker(), interrupt := GracefulInterrupt()],
+        chunked_loss=metrics["loss_impl"] == "chunked",
     )
     if progress:  # swap the stock bar (which prints every log dict) for one with loss in the bar
         trainer.remove_callback(ProgressCallback)

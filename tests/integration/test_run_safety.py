@@ -30,7 +30,7 @@ def test_a_failed_run_is_marked_failed_and_has_no_metrics(tiny_run_config, monke
     def explode(*args, **kwargs):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr("peftlab.training.Trainer.train", explode)
+    monkeypatch.setattr("peftlab.training.PeftlabTrainer.train", explode)
     with pytest.raises(RuntimeError):
         train(validate_config(tiny_run_config), progress=False)
     run = next(Path(tiny_run_config["output"]["dir"]).iterdir())

@@ -20,6 +20,7 @@ from peftlab.config import RunConfig, validate_config
 from peftlab.methods import get_method, method_names
 from peftlab.models import ModelSource, load_model
 from peftlab.params import count_parameters
+from peftlab.trainer import PeftlabTrainer, chunked_forward_loss, chunked_loss_agrees
 from peftlab.training import training_arguments
 
 CASES: list[dict[str, Any]] = [
@@ -174,6 +175,31 @@ def test_save_then_load_gives_identical_logits(method, base_dir, tmp_path):
         )
 
 
+@pytest.mark.parametrize("method", CASES, ids=IDS)
+def test_chunked_loss_equals_the_models_own_loss_and_gradients(method, base_dir, tmp_path):
+    cfg = run_config(method, base_dir, tmp_path)
+    model = prepared(cfg, base_dir)
+    model.train()
+    inputs = batch()
+    inputs["labels"] = inputs["labels"].clone()
+    inputs["labels"][0, :6] = -100  # a prompt without loss
+    assert chunked_loss_agrees(model, inputs) == (True, "")
+    model.train()
+    torch.manual_seed(3)  # the same dropout masks for both passes
+    own = model(**inputs).loss
+    own.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(3)
+    chunked, _ = chunked_forward_loss(model, inputs)
+    chunked.backward()
+    torch.testing.assert_close(chunked, own, rtol=1e-5, atol=1e-6)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and got
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 class GradientCapture:
     """Trainer callback that copies every trainable gradient just before the optimizer step."""
 
@@ -192,7 +218,7 @@ class GradientCapture:
 
 
 def accumulated_gradients(
-    base_dir: Path, tmp_path: Path, batch_size: int, accumulation: int
+    base_dir: Path, tmp_path: Path, batch_size: int, accumulation: int, chunked: bool = False
 ) -> dict[str, torch.Tensor]:
     from peftlab.data.packing import BlockDataset, group_per_document
 
@@ -209,23 +235,27 @@ def accumulated_gradients(
     )
     model = prepared(cfg, base_dir)
     capture = GradientCapture()
-    trainer = Trainer(
+    trainer = PeftlabTrainer(
         model=model,
         args=training_arguments(
             cfg, get_method("lora"), tmp_path, torch.device("cpu"), torch.float32, progress=False
         ),
         train_dataset=BlockDataset(blocks),
         callbacks=[capture],  # type: ignore[list-item]
+        chunked_loss=chunked,
     )
     trainer.train()
     return capture.grads
 
 
-def test_gradient_accumulation_is_exact(base_dir, tmp_path):
+@pytest.mark.parametrize("chunked", [False, True], ids=["model-loss", "chunked-loss"])
+def test_gradient_accumulation_is_exact(base_dir, tmp_path, chunked):
     """4 micro-batches of 1 give the gradients of 1 batch of 4 with the same tokens: the loss is
     normalised by the real target tokens across the accumulated micro-batches."""
-    one_big = accumulated_gradients(base_dir, tmp_path / "a", batch_size=4, accumulation=1)
-    four_small = accumulated_gradients(base_dir, tmp_path / "b", batch_size=1, accumulation=4)
+    one_big = accumulated_gradients(base_dir, tmp_path / "a", batch_size=4, accumulation=1, chunked=chunked)
+    four_small = accumulated_gradients(
+        base_dir, tmp_path / "b", batch_size=1, accumulation=4, chunked=chunked
+    )
     assert one_big.keys() == four_small.keys() and one_big
     for name, grad in one_big.items():
         torch.testing.assert_close(four_small[name], grad, rtol=1e-5, atol=1e-7, msg=name)

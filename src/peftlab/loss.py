@@ -1,0 +1,128 @@
+"""Causal-LM cross-entropy without materialising the whole (tokens x vocabulary) logits tensor.
+
+For SmolLM2 (49,152-token vocabulary) a batch of 4 x 512 tokens has 100M logits: 400 MB in fp32,
+and the stock loss keeps the logits, their fp32 copy, the log-softmax and its gradient alive at
+once, so most of a LoRA run's peak memory is logits. Here the output projection and the loss are
+computed a chunk of rows at a time, and the gradient of each chunk is computed right away (the
+softmax minus the one-hot target), so only one chunk of logits ever exists. Only rows that have a
+target are projected at all, so prompt tokens of chat and classification data cost nothing here.
+
+Written by hand because the libraries that fuse linear + cross-entropy (Liger-Kernel,
+cut-cross-entropy) need Triton/CUDA and do not run on the CPU; torchtune's chunked loss still
+materialises every chunk's logits for backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T) targets of each position: position t predicts labels[t + 1]."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of -log softmax(hidden @ weight.T)[target], gradients computed in forward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,  # (N, H) rows that have a target
+        weight: torch.Tensor,  # (V, H) output projection
+        targets: torch.Tensor,  # (N,)
+        chunk_rows: int,
+        need_grads: bool,
+    ) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_grads and hidden.requires_grad else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if need_grads and weight.requires_grad
+            else None
+        )
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = hidden[start : start + chunk_rows]  # (c, H)
+            target = targets[start : start + chunk_rows]  # (c,)
+            logits = (rows @ weight.T).float()  # (c, V): the stock loss also upcasts to fp32
+            log_norm = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d(sum of NLL)/d logits = softmax - one_hot(target), computed in place in `logits`.
+            probs = logits.sub_(log_norm[:, None]).exp_()
+            probs[torch.arange(len(target), device=probs.device), target] -= 1.0
+            grad_logits = probs.to(hidden.dtype)  # (c, V)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_rows] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ rows).float()
+        ctx.save_for_backward(
+            grad_hidden if grad_hidden is not None else torch.empty(0),
+            grad_weight if grad_weight is not None else torch.empty(0),
+        )
+        ctx.has_grads = (grad_hidden is not None, grad_weight is not None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        has_hidden, has_weight = ctx.has_grads
+        scale = grad_total.float()
+        return (
+            (grad_hidden * scale.to(grad_hidden.dtype)) if has_hidden else None,
+            (grad_weight * scale).to(ctx.weight_dtype) if has_weight else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _module_chunk_nll(head: nn.Module, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(rows).float(), target, reduction="sum")
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_rows: int = 1024,
+) -> torch.Tensor:
+    """The causal-LM loss of `head(hidden)` against `labels`, equal to transformers' ForCausalLMLoss.
+
+    hidden: (B, T, H) final hidden states; labels: (B, T) unshifted, IGNORE_INDEX where no loss.
+    The sum of token losses is divided by `num_items_in_batch` (the target tokens of the whole
+    accumulated batch, so gradient accumulation is exact) or else by this batch's target count.
+    A plain bias-free nn.Linear head takes the fused path; any other head (a LoRA-wrapped or
+    quantised one) is applied chunk by chunk under activation checkpointing, which also keeps only
+    one chunk of logits alive at the cost of recomputing the head in backward.
+    """
+    targets = shifted_targets(labels).reshape(-1)  # (B*T,)
+    keep = targets != IGNORE_INDEX
+    rows = hidden.reshape(-1, hidden.shape[-1])[keep]  # (N, H)
+    targets = targets[keep]  # (N,)
+    denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    if isinstance(head, nn.Linear) and type(head) is nn.Linear and head.bias is None:
+        need_grads = torch.is_grad_enabled() and (rows.requires_grad or head.weight.requires_grad)
+        total = _LinearCrossEntropy.apply(rows, head.weight, targets, chunk_rows, need_grads)
+    else:
+        total = rows.new_zeros((), dtype=torch.float32)
+        for start in range(0, rows.shape[0], chunk_rows):
+            part = (rows[start : start + chunk_rows], targets[start : start + chunk_rows])
+            if torch.is_grad_enabled():
+                total = total + torch.utils.checkpoint.checkpoint(
+                    _module_chunk_nll, head, *part, use_reentrant=False
+                )
+            else:
+                total = total + _module_chunk_nll(head, *part)
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(total.device)
+    return total / denominator

@@ -1,0 +1,84 @@
+"""The transformers Trainer with the chunked causal-LM loss (loss.py) plugged into compute_loss.
+
+compute_loss is the Trainer's documented extension point. The model is asked for one position of
+logits only (`logits_to_keep=1`) plus its hidden states, and the loss is computed from the final
+hidden states chunk by chunk. Whether that equals the model's own loss is checked once on a real
+batch before training (`chunked_loss_agrees`): an architecture that scales or soft-caps its logits
+falls back to the stock loss, and the manifest says which loss ran.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from peftlab.loss import IGNORE_INDEX, chunked_lm_loss
+
+CHUNK_ROWS = 1024  # rows of logits alive at once: 1024 x 49,152 fp32 = 200 MB for SmolLM2
+
+
+def output_head(model: Any) -> torch.nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+def chunked_forward_loss(
+    model: Any, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+) -> tuple[torch.Tensor, Any]:
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")  # (B, T)
+    outputs = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+    hidden = outputs.hidden_states[-1]  # (B, P + T, H)
+    # Prompt tuning prepends P virtual tokens; like peft, give them no labels, so that the last
+    # virtual position still predicts the first real token.
+    extra = hidden.shape[1] - labels.shape[1]
+    if extra > 0:
+        labels = torch.nn.functional.pad(labels, (extra, 0), value=IGNORE_INDEX)  # (B, P + T)
+    head = output_head(model)
+    assert head is not None, "chunked loss needs an output head (checked by chunked_loss_agrees)"
+    return chunked_lm_loss(hidden, head, labels, num_items_in_batch, CHUNK_ROWS), outputs
+
+
+def chunked_loss_agrees(model: Any, batch: dict[str, Any], rtol: float = 1e-3) -> tuple[bool, str]:
+    """Does the chunked loss equal the model's own loss on `batch`? (ok, reason when not)."""
+    if output_head(model) is None:
+        return False, "the model has no output embeddings"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            own = model(**batch).loss
+            chunked, _ = chunked_forward_loss(model, batch)
+    except (TypeError, ValueError, AttributeError) as exc:  # a forward without logits_to_keep
+        return False, f"the model's forward does not support it ({type(exc).__name__})"
+    finally:
+        model.train(was_training)
+    if own is None or not torch.isclose(chunked.float(), own.float(), rtol=rtol, atol=1e-5):
+        return False, f"it differs from the model's own loss ({float(chunked):.5f} vs {float(own):.5f})"
+    return True, ""
+
+
+class PeftlabTrainer(Trainer):
+    """Trainer whose training loss is the chunked causal-LM loss when `chunked_loss` is set."""
+
+    def __init__(self, *args: Any, chunked_loss: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunked_loss = chunked_loss
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if not self.chunked_loss or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = chunked_forward_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch is summed over processes; DDP averages gradients (as the stock path).
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
