@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,28 +60,17 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """True when this CPU runs bf16 matmuls faster than fp32.
+    """True when this CPU has native bf16 matmul instructions (AVX512-BF16 or AMX).
 
-    CPUs without native bf16 instructions (AVX512-BF16 or AMX) emulate them ~100x slower than fp32
-    (measured on the project's machines), so the flag is required; a 20 ms probe then confirms that
-    the kernels torch picks here are really faster.
+    CPUs without them emulate bf16 ~100x slower than fp32 (measured on the project's machines), so
+    they compute in fp32. Decided by the CPU flags alone, never by a timing probe: the same config
+    on the same machine must pick the same dtype however busy the machine is.
     """
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        return False
-
-    def seconds(dtype: torch.dtype) -> float:
-        a = torch.randn(256, 256).to(dtype)  # [256, 256]
-        a @ a  # warm-up
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ a
-        return time.perf_counter() - start
-
-    return seconds(torch.bfloat16) * 1.2 < seconds(torch.float32)
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -109,13 +97,19 @@ def embedded_gguf(alias: str) -> Path:
     return path
 
 
-def resolve_source(cfg: ModelConfig) -> ModelSource:
-    """Turn model.name into something from_pretrained can load, converting GGUF files once."""
+def resolve_source(cfg: ModelConfig, weights: bool = True) -> ModelSource:
+    """Turn model.name into something from_pretrained can load, converting GGUF files once.
+
+    weights=False: only the architecture is wanted (estimates), so a folder needs no weights."""
     name = cfg.name
     if name in EMBEDDED_MODELS:
         gguf = embedded_gguf(name)
         return ModelSource(str(converted_gguf_folder(gguf)), f"{name} (embedded GGUF {gguf.name})")
     path = Path(name).expanduser()
+    if path.suffix == ".json":  # an architecture alone (estimates): a config.json, no weights
+        if not path.is_file():
+            raise ModelError(f"model config file not found: {path}")
+        return ModelSource(str(path), f"config file {path}")
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
@@ -127,7 +121,9 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
             )
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json; is it a transformers model folder?")
-        if not any(path.glob("*.safetensors")) and (any(path.glob("*.bin")) or any(path.glob("*.pt"))):
+        if not weights:
+            pass
+        elif not any(path.glob("*.safetensors")) and (any(path.glob("*.bin")) or any(path.glob("*.pt"))):
             if not cfg.allow_pickle:
                 raise ModelError(
                     f"model folder {path} has only pickle weights (*.bin); peftlab loads safetensors only. "
@@ -250,19 +246,27 @@ def load_model(
     return model
 
 
-def build_on_meta(source: ModelSource, cfg: ModelConfig) -> Any:
-    """The model's architecture from its config alone, on the meta device: no weights are read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def read_model_config(source: ModelSource, cfg: ModelConfig) -> Any:
+    """The model's transformers config (architecture numbers only; no weights are read)."""
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             source.path,
             gguf_file=source.gguf_file,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
         )
-    except OSError as exc:
-        raise ModelError(f"could not read the config of {source.description}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"could not read the config of {source.description}: {first}") from None
+
+
+def build_on_meta(source: ModelSource, cfg: ModelConfig) -> Any:
+    """The model's architecture from its config alone, on the meta device: no weights are read."""
+    from transformers import AutoModelForCausalLM
+
+    config = read_model_config(source, cfg)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
