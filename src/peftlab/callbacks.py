@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 
 class JsonlLogger(TrainerCallback):
-    """Appends one JSON line per Trainer log: step, loss, lr, real (non-pad) tokens/s."""
+    """Appends one JSON line per Trainer log: step, loss, lr, real (non-pad) tokens/s; and one per
+    validation (step, epoch, eval_loss, eval_seconds), whose time is left out of the next tokens/s."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -26,7 +27,21 @@ class JsonlLogger(TrainerCallback):
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        if not logs or "loss" not in logs or not state.is_world_process_zero:
+        if not logs or not state.is_world_process_zero:
+            return
+        if "eval_loss" in logs:
+            self._write(
+                {
+                    "step": state.global_step,
+                    "epoch": round(state.epoch or 0.0, 4),
+                    "eval_loss": logs["eval_loss"],
+                    "eval_seconds": logs.get("eval_runtime"),
+                    "time": time.time(),
+                }
+            )
+            self._last_time = time.perf_counter()
+            return
+        if "loss" not in logs:
             return
         now = time.perf_counter()
         tokens = state.num_input_tokens_seen
@@ -42,6 +57,9 @@ class JsonlLogger(TrainerCallback):
             "time": time.time(),
         }
         self._last_time, self._last_tokens = now, tokens
+        self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -60,7 +78,11 @@ class LossProgressBar(ProgressCallback):
             )
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
+def read_log(path: Path, kind: Literal["train", "eval", "all"] = "train") -> list[dict[str, Any]]:
+    """log.jsonl lines: training ("loss"), validation ("eval_loss") or all."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if kind == "all":
+        return lines
+    return [r for r in lines if ("loss" if kind == "train" else "eval_loss") in r]

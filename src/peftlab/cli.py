@@ -68,6 +68,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from peftlab.config import load_config
+    from peftlab.fit import GPUS, plan, render, train_tokens
+    from peftlab.models import read_model_config, resolve_source
+
+    if args.gpu is not None and args.gpu not in GPUS:
+        raise PeftlabError(f"unknown --gpu {args.gpu!r}; known: {', '.join(GPUS)}")
+    base: dict = {"data": {"train_path": "(not read by estimate)"}, "method": {"name": args.method or "lora"}}
+    if args.model:
+        args.overrides.insert(0, f"model.name={args.model}")
+    if args.method and args.config:
+        args.overrides.insert(0, f"method.name={args.method}")
+    cfg = load_config(args.config, args.overrides, base=None if args.config else base)
+    config = read_model_config(resolve_source(cfg.model, weights=False), cfg.model)
+    loss = "standard" if cfg.train.loss == "standard" else "chunked"
+    result = plan(cfg, config, gpu=args.gpu, loss=loss)
+    print(render(result, cfg, args.tokens or train_tokens(cfg)))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from peftlab.methods import get_method, method_names
 
@@ -93,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="overrides of the demo config, e.g. train.max_steps=5")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "estimate",
+        help="memory and time of a run before anything is loaded (meta device, no weights): will it fit?",
+    )
+    p.add_argument("overrides", nargs="*", help="overrides such as method.r=16 train.batch_size=1")
+    p.add_argument("--model", help="a built-in alias, a hub id, a model folder or a config.json")
+    p.add_argument("--method", help="a registered method (default: lora, or the config's)")
+    p.add_argument("--config", help="a YAML config to estimate (overrides and --model/--method apply on top)")
+    p.add_argument(
+        "--gpu",
+        help="estimate for this GPU instead of this machine: t4, a10g, l4, 4090, a100-40, a100-80, h100",
+    )
+    p.add_argument("--tokens", type=int, help="training tokens, for the time estimate")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("methods", help="list the registered fine-tuning methods")
     p.set_defaults(func=cmd_methods)

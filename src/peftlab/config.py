@@ -119,7 +119,19 @@ class DataConfig(Section):
     group_key: str | None = Field(
         None, description="Split by this field (e.g. conversation_id), never by record."
     )
-    dedupe: bool = Field(True, description="Remove train records that also occur in the test set.")
+    validation_fraction: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Validation share held out of train when there is no validation_path (structured "
+        "data: whole groups of the sampled train records; raw text: the last blocks). 0 turns it off.",
+    )
+    validation_path: str | None = Field(
+        None, description="Validation data (same kind and format as train_path); replaces the split."
+    )
+    dedupe: bool = Field(
+        True, description="Remove train records that also occur in the test or validation set."
+    )
     cache: bool = Field(True, description="Cache tokenised data (keyed by data, tokenizer and settings).")
 
 
@@ -140,7 +152,17 @@ class TrainConfig(Section):
     )
     seed: int = Field(42, description="Seed for python, numpy, torch and the data order.")
     save_steps: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
-    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    save_total_limit: int | None = Field(
+        2,
+        ge=1,
+        description="Keep the newest N checkpoints plus the one with the lowest validation loss.",
+    )
+    eval_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Validation loss every N steps; None: at every save (save_steps), else at each "
+        "epoch end. Must equal save_steps when both are set, so the best checkpoint exists.",
+    )
     logging_steps: int = Field(1, ge=1)
     loss: Literal["auto", "chunked", "standard"] = Field(
         "auto",
@@ -192,6 +214,20 @@ class RunConfig(Section):
         from peftlab.methods import get_method
 
         return get_method(str(value["name"])).config_cls.model_validate(value)
+
+    @model_validator(mode="after")
+    def _evaluation_matches_checkpoints(self) -> RunConfig:
+        t, d = self.train, self.data
+        if t.eval_steps is not None and d.validation_fraction == 0 and d.validation_path is None:
+            raise ValueError(
+                "train.eval_steps needs a validation set: set data.validation_fraction > 0 or data.validation_path"
+            )
+        if t.eval_steps is not None and t.save_steps is not None and t.eval_steps != t.save_steps:
+            raise ValueError(
+                f"train.eval_steps ({t.eval_steps}) must equal train.save_steps ({t.save_steps}) so that "
+                "the best checkpoint is one that was saved (or leave eval_steps unset)"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

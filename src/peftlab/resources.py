@@ -77,3 +77,44 @@ class ResourceMonitor:
 
 def gib(n_bytes: float | None) -> str:
     return "-" if n_bytes is None else f"{n_bytes / 2**30:.2f} GiB"
+
+
+def tensor_bytes(obj: object, seen: set[int] | None = None) -> int:
+    """Bytes of every distinct tensor reachable from `obj` (dicts, lists, objects' attributes).
+
+    Optimizer state is such a tree: AdamW keeps tensors per parameter, GaLore keeps a projector
+    object whose attribute holds the projection matrix, bitsandbytes keeps quantisation maps.
+    """
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type | torch.nn.Module):
+        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return tensor_bytes(list(optimizer.state.values()))
+
+
+def gradient_bytes(model: torch.nn.Module) -> int:
+    return sum(p.grad.numel() * p.grad.element_size() for p in _unique(model) if p.grad is not None)
+
+
+def parameter_bytes(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Bytes of the parameters (and, for the whole model, buffers) as stored."""
+    total = sum(p.numel() * p.element_size() for p in _unique(model) if p.requires_grad or not trainable_only)
+    if not trainable_only:
+        total += sum(b.numel() * b.element_size() for b in model.buffers())
+    return total
+
+
+def _unique(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return list({id(p): p for p in model.parameters()}.values())

@@ -38,6 +38,7 @@ from peftlab.models import (
     pick_dtype,
     resolve_source,
 )
+from peftlab.padding import PaddingTally
 from peftlab.params import count_parameters
 from peftlab.resources import ResourceMonitor, gib
 from peftlab.resume import (
@@ -49,6 +50,7 @@ from peftlab.resume import (
 )
 from peftlab.runs import atomic_write_json, atomic_write_text, base_manifest, create_run_dir, now_iso
 from peftlab.trainer import PeftlabTrainer, chunked_loss_agrees
+from peftlab.validation import KeepNewestAndBest, evaluation_arguments, validation_summary
 
 
 @dataclass
@@ -63,7 +65,13 @@ def default_run_name(cfg: RunConfig) -> str:
 
 
 def training_arguments(
-    cfg: RunConfig, spec: MethodSpec, run_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool
+    cfg: RunConfig,
+    spec: MethodSpec,
+    run_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+    has_validation: bool = False,
 ) -> TrainingArguments:
     t = cfg.train
     extra = spec.trainer_options(cfg.method) if spec.trainer_options else {}
@@ -82,7 +90,7 @@ def training_arguments(
         save_strategy="steps" if t.save_steps else "no",
         **extra,
         save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
+        **evaluation_arguments(t, has_validation),  # eval_loss, best checkpoint; rotation in a callback
         seed=t.seed,
         data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
@@ -251,14 +259,24 @@ def _run(
         model.enable_input_require_grads()  # so checkpointed blocks see a grad path with a frozen base
     optimizer = spec.make_optimizer(model, cfg.method, cfg.train) if spec.make_optimizer else None
     metrics["loss_impl"] = choose_loss(cfg.train.loss, model, task, device)
+    tally = PaddingTally(checkpoint)  # exact padding of the batches trained on (before the marker)
+    measured_padding = tally.attach(model, task.collator)
+    has_validation = task.validation_dataset is not None
     trainer = PeftlabTrainer(
         model=model,
-        args=training_arguments(cfg, spec, run_dir, device, dtype, progress),
+        args=training_arguments(cfg, spec, run_dir, device, dtype, progress, has_validation),
         train_dataset=task.train_dataset,
+        eval_dataset=task.validation_dataset,
         data_collator=task.collator,
         processing_class=tokenizer,
         optimizers=(optimizer, None),
-        callbacks=[JsonlLogger(run_dir / "log.jsonl"), CheckpointMarker(), interrupt := GracefulInterrupt()],
+        callbacks=[
+            JsonlLogger(run_dir / "log.jsonl"),
+            tally,
+            CheckpointMarker(),
+            KeepNewestAndBest(cfg.train.save_total_limit),
+            interrupt := GracefulInterrupt(),
+        ],
         chunked_loss=metrics["loss_impl"] == "chunked",
     )
     if progress:  # swap the stock bar (which prints every log dict) for one with loss in the bar
@@ -274,6 +292,9 @@ def _run(
         )
         raise KeyboardInterrupt
     tokens_seen = trainer.state.num_input_tokens_seen
+    validation = validation_summary(trainer.state, run_dir, checkpoint_step(checkpoint) if checkpoint else 0)
+    padding = tally.as_dict() if measured_padding else {"padding_waste": task.stats["padding_waste"]}
+    step_seconds = train_seconds - validation["eval_seconds"]  # speed leaves validation out
 
     if eval_data is not None:
         metrics["tuned"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "tuned", progress)
@@ -294,7 +315,10 @@ def _run(
         train_seconds=train_seconds,
         seconds_per_epoch=train_seconds / max(trainer.state.epoch or 1.0, 1e-9),
         real_tokens_trained=tokens_seen,
-        tokens_per_second=tokens_seen / train_seconds if train_seconds > 0 else None,
+        tokens_per_second=tokens_seen / step_seconds if step_seconds > 0 else None,
+        **validation,
+        padding=padding,
+        padding_waste=padding["padding_waste"],
         memory=monitor.as_dict(),
         artefact=str(artefact.relative_to(run_dir)),
     )

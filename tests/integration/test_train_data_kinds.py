@@ -49,8 +49,8 @@ def test_train_on_structured_data(kind, tiny_run_config, tmp_path, monkeypatch):
     assert manifest["status"] == "completed"
     stats = manifest["data"]
     assert stats["kind"] == kind and stats["train_examples"] > 0 and stats["test_records"] > 0
-    assert 0 <= stats["padding_waste"] < 1
+    assert 0 <= stats["padding_waste_bound"] < 1 and stats["validation_records"] > 0
     if kind == "chat":
-        assert stats["train_groups"] + stats["test_groups"] == 6
+        assert stats["train_groups"] + stats["validation_groups"] + stats["test_groups"] == 6
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["train_steps"] == 6 and metrics["final_logged_loss"] > 0

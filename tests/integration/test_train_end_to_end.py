@@ -33,8 +33,16 @@ def test_train_writes_a_complete_run_folder(tiny_run_config, tiny_model_dir, cap
     assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
     assert metrics["tokens_per_second"] > 0 and metrics["memory"]["peak_rss_bytes"] > 0
 
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    log = [r for r in lines if "loss" in r]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    # no checkpoints: the validation loss (last training blocks held out) is taken at the epoch end
+    evals = [r for r in lines if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6] and evals[0]["eval_loss"] == metrics["final_eval_loss"] > 0
+    assert (
+        manifest["data"]["validation_blocks"] >= 1
+        and "training blocks" in manifest["data"]["validation_source"]
+    )
     assert all(r["loss"] > 0 and r["lr"] is not None and r["tokens_per_second"] > 0 for r in log)
     assert log[-1]["tokens_seen"] == 6 * 2 * 32
     assert (run / "plots" / "loss.png").stat().st_size > 1000

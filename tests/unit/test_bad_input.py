@@ -156,6 +156,26 @@ CASES: list[tuple[str, Breaker, str]] = [
         override("eval.window=4096", "eval.stride=8"),
         "eval.window=4096 is over the model's limit of 256",
     ),
+    (
+        "eval-steps-not-save-steps",
+        override("train.eval_steps=3", "train.save_steps=2"),
+        "train.eval_steps (3) must equal train.save_steps (2)",
+    ),
+    (
+        "eval-steps-without-validation",
+        override("train.eval_steps=2", "data.validation_fraction=0"),
+        "train.eval_steps needs a validation set",
+    ),
+    (
+        "validation-fraction-one",
+        override("data.validation_fraction=1"),
+        "data.validation_fraction: Input should be less than 1",
+    ),
+    (
+        "missing-validation-file",
+        override("data.validation_path=/no/such/valid.raw"),
+        "data file or folder not found: /no/such/valid.raw",
+    ),
     ("cuda-without-gpu", override("model.device=cuda"), "no CUDA device is visible"),
     ("output-not-writable", unwritable_output, "cannot create output folder"),
 ]

@@ -8,7 +8,7 @@ from peftlab.errors import DataError
 
 
 def _cfg(path, **kw):
-    return DataConfig(train_path=str(path), cache=False, test_fraction=0.0, **kw)
+    return DataConfig(train_path=str(path), cache=False, test_fraction=0.0, validation_fraction=0.0, **kw)
 
 
 def test_broken_jsonl_line_names_file_and_line(tmp_path, tiny_tokenizer):

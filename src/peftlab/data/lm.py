@@ -24,22 +24,29 @@ def tokenize_documents(tokenizer: Any, docs: list[str], max_tokens: int | None =
 
 
 def build_train_blocks(cfg: DataConfig, tokenizer: Any) -> Blocks:
-    docs = load_documents(cfg.train_path, cfg.document_split)
-    token_docs = tokenize_documents(tokenizer, docs, cfg.max_train_tokens)
+    return build_blocks(cfg.train_path, cfg, tokenizer, cfg.max_train_tokens, "data.max_train_tokens")
+
+
+def build_blocks(
+    path: str, cfg: DataConfig, tokenizer: Any, max_tokens: int | None = None, cap_key: str = ""
+) -> Blocks:
+    """Blocks of the text at `path`, cut as the config says (concatenated or per document)."""
+    docs = load_documents(path, cfg.document_split)
+    token_docs = tokenize_documents(tokenizer, docs, max_tokens)
     if cfg.keep_documents_apart:
         blocks = group_per_document(
-            token_docs, cfg.block_size, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.max_train_tokens
+            token_docs, cfg.block_size, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens
         )
     else:
-        blocks = group_concatenated(token_docs, cfg.block_size, tokenizer.eos_token_id, cfg.max_train_tokens)
+        blocks = group_concatenated(token_docs, cfg.block_size, tokenizer.eos_token_id, max_tokens)
     if len(blocks) == 0:
         total = sum(len(d) for d in token_docs)
-        if cfg.max_train_tokens is not None and total > cfg.max_train_tokens:
+        if max_tokens is not None and total > max_tokens:
             raise DataError(
-                f"data.max_train_tokens={cfg.max_train_tokens} is fewer than one block of data.block_size={cfg.block_size}"
+                f"{cap_key}={max_tokens} is fewer than one block of data.block_size={cfg.block_size}"
             )
         raise DataError(
-            f"{cfg.train_path} gives {total} tokens, fewer than one block of data.block_size={cfg.block_size}"
+            f"{path} gives {total} tokens, fewer than one block of data.block_size={cfg.block_size}"
         )
     return blocks
 

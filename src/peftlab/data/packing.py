@@ -29,6 +29,18 @@ class Blocks:
         total = self.real_tokens + self.pad_tokens
         return self.pad_tokens / total if total else 0.0
 
+    def split_last(self, n: int) -> tuple[Blocks, Blocks]:
+        """(all but the last n blocks, the last n blocks); counts recomputed from the masks."""
+
+        def part(rows: slice) -> Blocks:
+            mask = self.attention_mask[rows]
+            real = sum(sum(m) for m in mask)
+            pad = sum(len(m) for m in mask) - real
+            return Blocks(self.input_ids[rows], self.labels[rows], mask, real, pad)
+
+        cut = len(self) - n
+        return part(slice(0, cut)), part(slice(cut, None))
+
 
 def group_concatenated(
     docs: Sequence[Sequence[int]], block_size: int, eos_id: int | None, max_tokens: int | None = None
@@ -190,9 +202,12 @@ class PackedCollator:
     4D mask (block_diagonal_causal_mask) is kept for models that do not, and the tests compare both.
     """
 
-    def __init__(self, pad_id: int, explicit_mask: bool = False):
+    def __init__(self, pad_id: int, explicit_mask: bool = False, tally_key: str | None = None):
         self.pad_id = pad_id
         self.explicit_mask = explicit_mask
+        # When set, each batch carries (real tokens, pad tokens) under this key for padding.PaddingTally
+        # (a forward pre-hook that removes it before the model sees it).
+        self.tally_key = tally_key
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
         length = max(len(r["input_ids"]) for r in rows)
@@ -211,4 +226,7 @@ class PackedCollator:
         batch["use_cache"] = False  # type: ignore[assignment]
         if self.explicit_mask:
             batch["attention_mask"] = block_diagonal_causal_mask(batch["position_ids"])  # (B, 1, L, L)
+        if self.tally_key is not None:
+            real = sum(len(r["input_ids"]) for r in rows)
+            batch[self.tally_key] = (real, len(rows) * length - real)  # type: ignore[assignment]
         return batch

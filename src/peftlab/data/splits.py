@@ -1,4 +1,4 @@
-"""Seeded sampling, group-aware train/test splits, and train-vs-test overlap removal."""
+"""Seeded sampling, group-aware train/validation/test splits, and overlap removal between them."""
 
 from __future__ import annotations
 
@@ -21,13 +21,21 @@ def sample(records: list[Any], n_or_fraction: float | None, seed: int) -> list[A
 
 
 def split_by_group(
-    records: list[Any], groups: list[str] | None, test_fraction: float, seed: int
+    records: list[Any],
+    groups: list[str] | None,
+    test_fraction: float,
+    seed: int,
+    at_least_one: bool = False,
 ) -> tuple[list[Any], list[Any]]:
-    """Train and test parts; with groups, whole groups go to one side (records of a conversation never straddle)."""
+    """Kept and held-out parts; with groups, whole groups go to one side (records of a conversation
+    never straddle). at_least_one: a fraction > 0 holds out one group even when it rounds to none,
+    as long as one group is left to keep."""
     keys = groups if groups is not None else [str(i) for i in range(len(records))]
     unique = sorted(set(keys))
     random.Random(seed).shuffle(unique)
     n_test = round(len(unique) * test_fraction)
+    if at_least_one and test_fraction > 0 and n_test == 0 and len(unique) >= 2:
+        n_test = 1
     test_keys = set(unique[:n_test])
     train = [r for r, k in zip(records, keys, strict=True) if k not in test_keys]
     test = [r for r, k in zip(records, keys, strict=True) if k in test_keys]
@@ -50,9 +58,10 @@ def record_key(record: dict[str, Any], normalised: bool) -> str:
 
 
 def remove_overlap(
-    train: list[dict[str, Any]], test: list[dict[str, Any]], counts: Counter[str]
+    train: list[dict[str, Any]], test: list[dict[str, Any]], counts: Counter[str], prefix: str = ""
 ) -> list[dict[str, Any]]:
-    """Train without any record that also occurs in test, exactly or after normalisation (counted).
+    """Train without any record that also occurs in test, exactly or after normalisation (counted
+    as `<prefix>overlap_removed_exact` and `<prefix>overlap_removed_normalised`).
 
     Classification records compare on their text only (the same sentence with another label is still
     a leak); chat records compare on the whole conversation.
@@ -61,15 +70,16 @@ def remove_overlap(
     def content(rec: dict[str, Any]) -> dict[str, Any]:
         return {"text": rec["text"]} if "label" in rec else rec
 
-    counts.update({"overlap_removed_exact": 0, "overlap_removed_normalised": 0})
+    exact_key, loose_key = f"{prefix}overlap_removed_exact", f"{prefix}overlap_removed_normalised"
+    counts.update({exact_key: 0, loose_key: 0})
     exact = {record_key(content(r), False) for r in test}
     loose = {record_key(content(r), True) for r in test}
     kept = []
     for rec in train:
         if record_key(content(rec), False) in exact:
-            counts["overlap_removed_exact"] += 1
+            counts[exact_key] += 1
         elif record_key(content(rec), True) in loose:
-            counts["overlap_removed_normalised"] += 1
+            counts[loose_key] += 1
         else:
             kept.append(rec)
     return kept

@@ -1,8 +1,11 @@
 """build_task_data(cfg.data, tokenizer) -> TaskData: the one entry point from config to training data.
 
-load -> normalise -> sample -> split (by group) -> remove train/test overlap -> tokenise (template,
-masks) -> truncate or drop -> pack. The held-out normalised records and the counts travel along for
-evaluation and the manifest. Tokenised examples are cached, keyed by data, tokenizer and settings.
+load -> normalise -> split test (by group) -> sample -> split validation (by group) -> remove overlap
+(train vs validation and test, validation vs test) -> tokenise (template, masks) -> truncate or drop
+-> pack. The validation set is tokenised and packed like train (it gives the in-training eval_loss);
+the held-out normalised test records and the counts travel along for evaluation and the manifest.
+Raw text takes its validation blocks from data.validation_path, else from the end of the training
+blocks. Tokenised examples are cached, keyed by data, tokenizer and settings.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from peftlab.config import DataConfig
 from peftlab.data.formats import normalise
-from peftlab.data.lm import build_train_blocks
+from peftlab.data.lm import build_blocks, build_train_blocks
 from peftlab.data.loading import load_raw
 from peftlab.data.packing import BlockDataset, PackedBlocks, PackedCollator, PackedDataset, pack_examples
 from peftlab.data.splits import remove_overlap, sample, split_by_group
@@ -34,6 +37,7 @@ class TaskData:
     test_records: list[dict[str, Any]]
     label_names: list[str] | None
     stats: dict[str, Any] = field(default_factory=dict)
+    validation_dataset: torch.utils.data.Dataset | None = None  # None: no in-training evaluation
 
 
 def _load_normalised(path: str, cfg: DataConfig, counts: Counter[str]) -> list[dict[str, Any]]:
@@ -104,62 +108,122 @@ def tokenize_all(
     return out
 
 
+def _text_task(cfg: DataConfig, tokenizer: Any) -> TaskData:
+    """Raw text files: the language-modelling recipe of data/lm.py (concatenated or per document)."""
+    blocks = build_train_blocks(cfg, tokenizer)
+    validation = None
+    if cfg.validation_path is not None:
+        validation = build_blocks(cfg.validation_path, cfg, tokenizer)
+        source = f"data.validation_path ({len(validation)} blocks)"
+    elif cfg.validation_fraction > 0 and len(blocks) >= 2:
+        n = max(1, round(len(blocks) * cfg.validation_fraction))
+        blocks, validation = blocks.split_last(n)
+        source = f"the last {n} of {len(blocks) + n} training blocks (data.validation_fraction={cfg.validation_fraction})"
+    else:
+        source = "none"
+    stats = {
+        "kind": "text",
+        "train_blocks": len(blocks),
+        "train_real_tokens": blocks.real_tokens,
+        "padding_waste": blocks.padding_waste,
+        "validation_source": source,
+        "validation_blocks": len(validation) if validation is not None else 0,
+        "validation_real_tokens": validation.real_tokens if validation is not None else 0,
+    }
+    return TaskData(
+        BlockDataset(blocks), None, [], None, stats, BlockDataset(validation) if validation else None
+    )
+
+
+def _split(
+    records: list[dict[str, Any]], cfg: DataConfig, seed: int, counts: Counter[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], str]:
+    """train, validation, test and where validation came from; no group straddles any two of them."""
+
+    def groups(part: list[dict[str, Any]]) -> list[str] | None:
+        return [r["_group"] for r in part] if cfg.group_key else None
+
+    if cfg.test_path is not None:
+        test = _load_normalised(cfg.test_path, cfg, counts)
+        train = records
+    else:
+        train, test = split_by_group(records, groups(records), cfg.test_fraction, seed)
+    train = sample(train, cfg.sample, seed)
+    test = sample(test, cfg.test_sample, seed + 1)
+    validation: list[dict[str, Any]] = []
+    source = "none"
+    if cfg.validation_path is not None:
+        validation = _load_normalised(cfg.validation_path, cfg, counts)
+        source = "data.validation_path"
+    elif cfg.validation_fraction > 0:
+        train, validation = split_by_group(
+            train, groups(train), cfg.validation_fraction, seed + 2, at_least_one=True
+        )
+        unit = f"groups ({cfg.group_key})" if cfg.group_key else "records"
+        source = f"{cfg.validation_fraction} of the train {unit} (data.validation_fraction)"
+    if cfg.group_key:
+        for name, part in (("train", train), ("validation", validation), ("test", test)):
+            counts[f"{name}_groups"] = len({r["_group"] for r in part})
+        for rec in (*train, *validation, *test):
+            rec.pop("_group", None)
+    if cfg.dedupe and validation and test:
+        validation = remove_overlap(validation, test, counts, prefix="validation_")
+    if cfg.dedupe and (test or validation):
+        train = remove_overlap(train, [*test, *validation], counts)
+    return train, validation, test, source
+
+
 def build_task_data(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> TaskData:
-    counts: Counter[str] = Counter()
     if (
         cfg.kind == "text"
         and cfg.file_format in {"auto", "text"}
         and not cfg.train_path.endswith((".jsonl", ".json", ".csv", ".tsv", ".parquet"))
     ):
-        # raw text files: the language-modelling recipe of data/lm.py (concatenated or per document)
-        lm_blocks = build_train_blocks(cfg, tokenizer)
-        stats = {
-            "kind": "text",
-            "train_blocks": len(lm_blocks),
-            "train_real_tokens": lm_blocks.real_tokens,
-            "padding_waste": lm_blocks.padding_waste,
-        }
-        return TaskData(BlockDataset(lm_blocks), None, [], None, stats)
+        return _text_task(cfg, tokenizer)
 
+    counts: Counter[str] = Counter()
     records = _load_normalised(cfg.train_path, cfg, counts)
     counts["loaded_train_records"] = len(records)
-    if cfg.test_path is not None:
-        test = _load_normalised(cfg.test_path, cfg, counts)
-        train = records
-    else:
-        groups = [r["_group"] for r in records] if cfg.group_key else None
-        train, test = split_by_group(records, groups, cfg.test_fraction, seed)
-    if cfg.group_key:
-        counts["train_groups"] = len({r["_group"] for r in train})
-        counts["test_groups"] = len({r["_group"] for r in test})
-        for rec in (*train, *test):
-            rec.pop("_group", None)
-    train = sample(train, cfg.sample, seed)
-    test = sample(test, cfg.test_sample, seed + 1)
-    if cfg.dedupe and test:
-        train = remove_overlap(train, test, counts)
+    train, validation, test, source = _split(records, cfg, seed, counts)
 
     label_names = cfg.label_names
     if cfg.kind == "classification" and label_names is None:
-        label_names = sorted({r["label"] for r in (*train, *test)})
+        label_names = sorted({r["label"] for r in (*train, *validation, *test)})
     examples = tokenize_all(train, cfg, tokenizer, counts)
     if not examples:
         raise DataError(
             f"{cfg.train_path}: no training example is left after splitting, dedupe and length limits"
         )
     blocks: PackedBlocks = pack_examples(examples, cfg.max_seq_len, cfg.packing)
+    val_counts: Counter[str] = Counter()
+    val_examples = tokenize_all(validation, cfg, tokenizer, val_counts) if validation else []
+    val_blocks = pack_examples(val_examples, cfg.max_seq_len, cfg.packing) if val_examples else None
     stats = {
         "kind": cfg.kind,
         "train_records": len(train),
+        "validation_records": len(validation),
         "test_records": len(test),
+        "validation_source": source,
         "train_examples": len(examples),
+        "validation_examples": len(val_examples),
         "train_blocks": len(blocks),
+        "validation_blocks": len(val_blocks) if val_blocks is not None else 0,
         "train_real_tokens": blocks.real_tokens,
         "train_loss_tokens": sum(sum(1 for x in lab if x >= 0) for lab in blocks.labels),
-        "padding_waste": blocks.padding_waste,
+        # rows padded to max_seq_len (packing) or to the longest row: an upper bound; the collator pads
+        # to the longest row of each batch, and metrics.json has the waste of the batches trained on
+        "padding_waste_bound": blocks.padding_waste,
         "packing": cfg.packing,
         "label_names": label_names,
         **dict(counts),
+        **{f"validation_{k}": v for k, v in val_counts.items() if k != "cache_hit"},
     }
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return TaskData(PackedDataset(blocks), PackedCollator(pad_id), test, label_names, stats)
+    return TaskData(
+        PackedDataset(blocks),
+        PackedCollator(pad_id),
+        test,
+        label_names,
+        stats,
+        PackedDataset(val_blocks) if val_blocks is not None else None,
+    )

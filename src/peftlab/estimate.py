@@ -1,0 +1,275 @@
+"""Memory a training run will need, from the model's config alone (meta device, no weights).
+
+Every figure comes from the real objects of the run, built on the meta device, rather than from a
+formula per architecture or per method:
+- weights, trainable parameters and gradients: the prepared model's own parameters and dtypes
+  (4-bit weights: bitsandbytes' packed size plus its quantisation constants);
+- optimizer state: the run's own optimizer (the one the Trainer would build, or the method's),
+  stepped once on meta gradients, its state tensors summed as `resources.tensor_bytes` measures them;
+- activations: one forward pass on meta inputs of the run's shape, summing the distinct tensors
+  autograd saves for backward (parameters excluded). Attention is traced with the fused
+  (flash / memory-efficient) kernel that real runs use on CUDA and on the CPU, which saves the
+  output and the log-sum-exp, not the (T x T) probabilities;
+- with gradient checkpointing, only each layer's input is kept, plus one layer's activations while
+  it is recomputed;
+- the loss working set: the chunked loss keeps one chunk of fp32 logits and their gradient; the
+  stock loss keeps logits, their fp32 copy, the log-softmax and its gradient (B x T x V each).
+The peak is modelled as framework overhead + weights + optimizer state + max(activations + loss
+working set, gradients): gradients are set to None after every step, so at the end of the next
+forward (where activations peak) they do not exist, and they grow in backward as activations go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from peftlab.config import RunConfig
+from peftlab.methods import get_method
+from peftlab.resources import tensor_bytes
+from peftlab.trainer import CHUNK_ROWS
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of each part of a training run's peak memory (see the module docstring)."""
+
+    batch_size: int
+    seq_len: int
+    dtype: str
+    weights: int
+    trainable_params: int
+    trainable_bytes: int
+    gradients: int
+    optimizer_state: int
+    activations: int  # without gradient checkpointing
+    activations_checkpointed: int
+    loss_working_set: int
+    overhead: int
+    gradient_checkpointing: bool
+    total_params: int
+    matmul_params: int  # weights that take part in matmuls (for FLOPs)
+    trainable_matmul_params: int
+    attention_width: int  # sum over layers of the attention width (heads x head dim), for FLOPs
+
+    @property
+    def activations_used(self) -> int:
+        return self.activations_checkpointed if self.gradient_checkpointing else self.activations
+
+    @property
+    def total(self) -> int:
+        transient = max(self.activations_used + self.loss_working_set, self.gradients)
+        return self.overhead + self.weights + self.optimizer_state + transient
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "activations_used": self.activations_used, "total": self.total}
+
+
+def seq_len_of(cfg: RunConfig) -> int:
+    return cfg.data.block_size if cfg.data.kind == "text" else cfg.data.max_seq_len
+
+
+def seq_len_key(cfg: RunConfig) -> str:
+    return "data.block_size" if cfg.data.kind == "text" else "data.max_seq_len"
+
+
+def estimate_memory(
+    cfg: RunConfig, model_config: Any, dtype: torch.dtype, overhead: int, loss: str = "chunked"
+) -> MemoryEstimate:
+    """The memory of training `cfg` on a model of `model_config` in `dtype`; `loss` is 'chunked'
+    or 'standard'; `overhead` is the framework's own memory (process RSS, or the CUDA context)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = get_method(cfg.method.name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    quantised = _quantised_weights(model, spec.load_options(cfg.method, dtype) if spec.load_options else {})
+    model = spec.prepare(model, cfg.method)
+    params = list({id(p): p for p in model.parameters()}.values())
+    trainable = [p for p in params if p.requires_grad]
+    weights = sum(quantised.get(id(p), p.numel() * p.element_size()) for p in params)
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    batch, seq = cfg.train.batch_size, seq_len_of(cfg)
+    activations, checkpointed = _activation_bytes(model, batch, seq)
+    vocab = int(model_config.vocab_size)
+    if loss == "chunked":  # one chunk of fp32 logits + its gradient in the model dtype
+        loss_bytes = min(CHUNK_ROWS, batch * seq) * vocab * (4 + _itemsize(dtype))
+    else:  # logits, their fp32 copy, log-softmax, gradient
+        loss_bytes = batch * seq * vocab * (_itemsize(dtype) + 3 * 4)
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    matmul = sum(m.weight.numel() for m in linear)
+    trainable_matmul = sum(m.weight.numel() for m in linear if m.weight.requires_grad)
+    gradient_checkpointing = cfg.train.gradient_checkpointing or bool(
+        getattr(cfg.method, "gradient_checkpointing", False)
+    )
+    return MemoryEstimate(
+        batch_size=batch,
+        seq_len=seq,
+        dtype=str(dtype).removeprefix("torch."),
+        weights=weights,
+        trainable_params=sum(p.numel() for p in trainable),
+        trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
+        gradients=sum(p.numel() * p.element_size() for p in trainable),
+        optimizer_state=_optimizer_state_bytes(cfg, spec, model),
+        activations=activations,
+        activations_checkpointed=checkpointed,
+        loss_working_set=loss_bytes,
+        overhead=overhead,
+        gradient_checkpointing=gradient_checkpointing,
+        total_params=sum(p.numel() for p in params),
+        matmul_params=matmul,
+        trainable_matmul_params=trainable_matmul,
+        attention_width=_attention_width(model_config),
+    )
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _quantised_weights(model: Any, load_options: dict[str, Any]) -> dict[int, int]:
+    """id(weight) -> bytes for the weights bitsandbytes would store in 4 bits.
+
+    bitsandbytes packs two 4-bit values per byte and keeps one absmax per block of 64 values
+    (fp32, or with double quantisation 8 bits plus an fp32 per 256 blocks). transformers leaves the
+    output head (and llm_int8_skip_modules) unquantised.
+    """
+    quant = load_options.get("quantization_config")
+    if quant is None or not getattr(quant, "load_in_4bit", False):
+        return {}
+    skip = set(getattr(quant, "llm_int8_skip_modules", None) or [])
+    head = model.get_output_embeddings()
+    sizes: dict[int, int] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head or name.split(".")[-1] in skip:
+            continue
+        n = module.weight.numel()
+        blocks = -(-n // 64)
+        stats = blocks + 4 * -(-blocks // 256) if quant.bnb_4bit_use_double_quant else 4 * blocks
+        sizes[id(module.weight)] = -(-n // 2) + stats
+    return sizes
+
+
+def _attention_width(config: Any) -> int:
+    text = getattr(config, "text_config", config)
+    layers = int(getattr(text, "num_hidden_layers", 0))
+    heads = int(getattr(text, "num_attention_heads", 0))
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // max(heads, 1))
+    return layers * heads * int(head_dim)
+
+
+def _optimizer_state_bytes(cfg: RunConfig, spec: Any, model: Any) -> int:
+    """Build the run's optimizer over the meta parameters, step it once, sum its state."""
+    from transformers import Trainer
+
+    from peftlab.training import training_arguments
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = spec.make_optimizer(model, cfg.method, cfg.train) if spec.make_optimizer else None
+    if optimizer is None:
+        args = training_arguments(cfg, spec, Path("unused"), torch.device("cpu"), torch.float32, False)
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        kwargs = dict(kwargs)
+        groups = kwargs.pop("params", None) or [{"params": trainable}]
+        if "fused" in kwargs:
+            kwargs["fused"] = False  # the fused kernel refuses meta tensors; its state is the same
+        optimizer = cls(groups, **kwargs)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    with contextlib.suppress(RuntimeError, NotImplementedError):
+        # A state that is built lazily inside the kernel (none of the supported ones) would be
+        # missing from the sum, never double counted.
+        optimizer.step()
+    for p in trainable:
+        p.grad = None
+    return tensor_bytes(list(optimizer.state.values()))
+
+
+def _layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The decoder's repeated blocks: the longest ModuleList whose members share one class."""
+    best: torch.nn.ModuleList | None = None
+    for module in model.modules():
+        if not isinstance(module, torch.nn.ModuleList) or len({type(m) for m in module}) != 1:
+            continue
+        if len(module) > 1 and (best is None or len(module) > len(best)):
+            best = module
+    return best
+
+
+@contextlib.contextmanager
+def _fused_attention() -> Iterator[None]:
+    """Trace attention as the fused CPU/CUDA kernels save it (output + log-sum-exp); on the meta
+    device torch would otherwise pick the math kernel, which saves the (T x T) probabilities."""
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if k.shape[-3] != q.shape[-3]:  # grouped-query attention: repeat the key/value heads
+            repeat = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+        )
+        return out
+
+    functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
+def _activation_bytes(model: Any, batch: int, seq: int) -> tuple[int, int]:
+    """(saved bytes without checkpointing, with checkpointing) for one training forward."""
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    model.train()
+    layers = _layer_stack(model)
+    param_storages = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
+    seen: set[StorageWeakRef] = set()
+    per_layer: dict[int, int] = {}
+    layer_inputs: dict[int, int] = {}
+    current = [-1]  # index of the layer running now; -1 outside the layer stack
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref not in param_storages and ref not in seen:
+            seen.add(ref)
+            per_layer[current[0]] = per_layer.get(current[0], 0) + t.untyped_storage().nbytes()
+        return t
+
+    hooks = []
+    if layers is not None:
+        for index, layer in enumerate(layers):
+
+            def enter(module: Any, args: Any, kwargs: Any, index: int = index) -> None:
+                current[0] = index
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(hidden, torch.Tensor):
+                    layer_inputs[index] = hidden.numel() * hidden.element_size()
+
+            def leave(module: Any, args: Any, output: Any) -> None:
+                current[0] = -1
+
+            hooks.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
+            hooks.append(layer.register_forward_hook(leave))
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    try:
+        with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    total = sum(per_layer.values())
+    in_layers = [v for k, v in per_layer.items() if k >= 0]
+    if not in_layers:
+        return total, total
+    checkpointed = per_layer.get(-1, 0) + sum(layer_inputs.values()) + max(in_layers)
+    # Layers below the first trainable one save nothing, so checkpointing cannot save more.
+    return total, min(total, checkpointed)
