@@ -68,6 +68,10 @@ def run_peftlab(case: str, steps: int, out_dir: Path) -> dict:
         "trainable_params": metrics["trainable_params"],
         "final_loss": metrics["final_logged_loss"],
         "base_weights_mib": metrics["base_weights_bytes"] / 2**20,
+        "estimated_peak_gib": metrics["estimate"]["total"] / 2**30,
+        "estimate": metrics["estimate"],
+        "memory_split": metrics["memory_split"],
+        "loss_impl": metrics["loss_impl"],
     }
 
 
@@ -138,6 +142,30 @@ def run_baseline(steps: int, out_dir: Path) -> dict:
     }
 
 
+def run_case(case: str, steps: int, out_dir: Path, script: Path | None = None) -> dict | None:
+    """One case in a fresh subprocess (so its peak RSS is its own); None when it failed."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script or __file__),
+            "--one",
+            case,
+            "--steps",
+            str(steps),
+            "--out",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{case}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[7:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
@@ -159,17 +187,10 @@ def main() -> None:
     shutil.rmtree(out_dir / "runs", ignore_errors=True)
     rows = []
     for case in ["baseline", *args.methods]:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", case, "--steps", str(args.steps), "--out", str(out_dir)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{case}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+        result = run_case(case, args.steps, out_dir)
+        if result is None:
             continue
-        rows.append(json.loads(line[7:]))
+        rows.append(result)
         r = rows[-1]
         print(
             f"{r['case']:32s} {r['tokens_per_second']:8.1f} tok/s  {r['peak_rss_gib']:6.2f} GiB  "

@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.config is None:
         raise PeftlabError("give a config file (see configs/) or --resume RUN_DIR")
     else:
-        result = train(load_config(args.config, args.overrides), progress=not args.quiet)
+        result = train(load_config(args.config, args.overrides), progress=not args.quiet, force=args.force)
     print()
     print(render_text(before_after_rows(result.metrics)))
     print(f"\nrun folder: {result.run_dir}")
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="overrides such as method.r=16 train.max_steps=50")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
+    p.add_argument("--force", action="store_true", help="train even when the estimate says it will not fit")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

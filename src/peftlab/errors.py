@@ -19,3 +19,7 @@ class ModelError(PeftlabError):
 
 class MethodError(PeftlabError):
     """A fine-tuning method cannot be applied as configured."""
+
+
+class FitError(PeftlabError):
+    """The run will not fit in the device's memory."""

@@ -180,6 +180,14 @@ def _optimizer_state_bytes(cfg: RunConfig, spec: Any, model: Any) -> int:
         if "fused" in kwargs:
             kwargs["fused"] = False  # the fused kernel refuses meta tensors; its state is the same
         optimizer = cls(groups, **kwargs)
+        if "bitsandbytes" in str(cls) and kwargs.get("optim_bits") == 8:
+            # As Trainer.create_optimizer does: embeddings keep 32-bit state under 8-bit AdamW.
+            import bitsandbytes
+
+            manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+            for module in model.modules():
+                if isinstance(module, torch.nn.Embedding):
+                    manager.register_module_override(module, "weight", {"optim_bits": 32})
     for p in trainable:
         p.grad = torch.zeros_like(p)
     with contextlib.suppress(RuntimeError, NotImplementedError):
@@ -210,9 +218,11 @@ def _fused_attention() -> Iterator[None]:
     original = functional.scaled_dot_product_attention
 
     def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if k.shape[-3] != q.shape[-3]:  # grouped-query attention: repeat the key/value heads
+        if k.shape[-3] != q.shape[-3] and not enable_gqa:  # key/value heads repeated by the caller
             repeat = q.shape[-3] // k.shape[-3]
             k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+        # With enable_gqa the real kernels keep the un-repeated key/value heads; the meta kernel
+        # accepts fewer key/value heads than query heads, so they are passed as they are.
         out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
         )
@@ -227,7 +237,7 @@ def _fused_attention() -> Iterator[None]:
 
 def _activation_bytes(model: Any, batch: int, seq: int) -> tuple[int, int]:
     """(saved bytes without checkpointing, with checkpointing) for one training forward."""
-    if getattr(model, "is_gradient_checkpointing", False):
+    if getattr(model, "is_gradient_checkpointing", False):  # traced without, derived below
         model.gradient_checkpointing_disable()
     model.train()
     layers = _layer_stack(model)

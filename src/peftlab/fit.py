@@ -118,6 +118,14 @@ def device_capacity(gpu: str | None) -> tuple[str, int, float, str]:
     )
 
 
+def framework_overhead(gpu: str | None) -> int:
+    """Memory that is not the run's: the CUDA context on a GPU; on the CPU this process's RSS now
+    (torch, transformers, peft imported), measured."""
+    if gpu is not None or torch.cuda.is_available():
+        return CUDA_OVERHEAD
+    return int(psutil.Process().memory_info().rss)
+
+
 def _with_shape(memory: MemoryEstimate, batch: int, seq: int) -> MemoryEstimate:
     """Scale the shape-dependent parts linearly (activations grow with B x T under fused
     attention; the chunked loss's working set is fixed, the stock loss grows with B x T)."""
@@ -159,9 +167,7 @@ def plan(
             dtype = torch.bfloat16 if GPUS[gpu].bf16 else torch.float32
         else:
             dtype = pick_dtype(cfg.model.dtype, pick_device(cfg.model.device))
-    overhead = (
-        CUDA_OVERHEAD if gpu is not None or torch.cuda.is_available() else psutil.Process().memory_info().rss
-    )
+    overhead = framework_overhead(gpu)
     memory = estimate_memory(cfg, model_config, dtype, overhead, loss)
     seq_limit = int(getattr(model_config, "max_position_embeddings", 0) or 131072)
     largest_batch = largest_fitting(memory, capacity, 4096, "batch")
@@ -232,3 +238,24 @@ def train_tokens(cfg: RunConfig) -> int | None:
     if cfg.data.max_train_tokens:
         return int(cfg.data.max_train_tokens * cfg.train.epochs)
     return None
+
+
+def preflight(cfg: RunConfig, model_config: Any, dtype: torch.dtype, force: bool) -> Plan:
+    """Print the estimate before training; refuse (unless forced) a run that will not fit."""
+    from peftlab.errors import FitError
+
+    result = plan(
+        cfg, model_config, loss="standard" if cfg.train.loss == "standard" else "chunked", dtype=dtype
+    )
+    m = result.memory
+    print(
+        f"estimate: peak {gib(m.total)} of {gib(result.capacity)} on {result.device} (weights {gib(m.weights)}, "
+        f"optimizer {gib(m.optimizer_state)}, activations {gib(m.activations_used)}); "
+        f"~{result.tokens_per_second:,.0f} tokens/s"
+    )
+    if not result.fits and not force:
+        raise FitError(
+            f"this run needs about {gib(m.total)} but {result.device} has {gib(result.capacity)}: "
+            f"{result.advice}, or pass --force to try anyway"
+        )
+    return result

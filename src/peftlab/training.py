@@ -15,17 +15,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from transformers import TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from peftlab.allocator import tame_glibc_malloc
-from peftlab.callbacks import JsonlLogger, LossProgressBar, read_log
+from peftlab.callbacks import JsonlLogger, LossProgressBar, MemorySplit, read_log
 from peftlab.config import RunConfig
 from peftlab.data.lm import build_eval_tokens
 from peftlab.data.task import TaskData, build_task_data
 from peftlab.errors import MethodError
 from peftlab.evaluation.suite import EvalData, evaluate_lm
+from peftlab.fit import preflight
 from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
     ModelSource,
@@ -40,7 +42,7 @@ from peftlab.models import (
 )
 from peftlab.padding import PaddingTally
 from peftlab.params import count_parameters
-from peftlab.resources import ResourceMonitor, gib
+from peftlab.resources import ResourceMonitor, gib, parameter_bytes
 from peftlab.resume import (
     CheckpointMarker,
     GracefulInterrupt,
@@ -104,6 +106,29 @@ def training_arguments(
     )
 
 
+def memory_split(model: Any, split: MemorySplit, monitor: ResourceMonitor, framework: int) -> dict[str, int]:
+    """Peak memory in parts: parameter, gradient and optimizer bytes exactly; activations (and
+    everything else alive at the peak: the loss working set, gradients then alive) as the rest. On CUDA the peak is the allocator's; on the
+    CPU it is the process RSS, of which `framework` (RSS before the model was loaded) is the
+    libraries' own."""
+    cuda = monitor.cuda_peak_allocated is not None
+    peak = monitor.cuda_peak_allocated if cuda else monitor.peak_rss
+    overhead = 0 if cuda else framework
+    parts = {
+        "weights_bytes": parameter_bytes(model),
+        "trainable_bytes": parameter_bytes(model, trainable_only=True),
+        "gradient_bytes": split.gradient_bytes,
+        "optimizer_state_bytes": split.optimizer_state_bytes,
+        "framework_bytes": overhead,
+    }
+    known = parts["weights_bytes"] + parts["optimizer_state_bytes"] + overhead
+    return {
+        **parts,
+        "activations_and_rest_bytes": max(int(peak or 0) - known, 0),
+        "peak_bytes": int(peak or 0),
+    }
+
+
 def choose_loss(setting: str, model: Any, task: TaskData, device: torch.device) -> str:
     """'chunked' or 'standard': auto takes the chunked loss when it equals the model's own on a
     real training example; asking for chunked where it does not agree is an error."""
@@ -124,8 +149,13 @@ def choose_loss(setting: str, model: Any, task: TaskData, device: torch.device) 
     return "standard"
 
 
-def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None) -> RunResult:
-    """Train as `cfg` says; with `resume_dir`, continue that run from its newest complete checkpoint."""
+def train(
+    cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None, force: bool = False
+) -> RunResult:
+    """Train as `cfg` says; with `resume_dir`, continue that run from its newest complete checkpoint.
+
+    Before anything is loaded, the memory estimate is printed; a run that will not fit is refused
+    unless `force`."""
     checkpoint = checkpoint_to_resume(resume_dir) if resume_dir is not None else None
     tame_glibc_malloc()  # peak RSS close to live memory on CPU (allocator.py)
     spec = get_method(cfg.method.name)
@@ -145,6 +175,7 @@ def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None)
         },
     )
     spec.prepare(architecture, cfg.method)
+    estimate = preflight(cfg, architecture.config, dtype, force) if checkpoint is None else None
     del architecture
     load_options = spec.load_options(cfg.method, dtype) if spec.load_options else {}
     tokenizer = load_tokenizer(source, cfg.model)
@@ -181,6 +212,9 @@ def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None)
             progress,
             checkpoint,
         )
+        if estimate is not None:
+            metrics["estimate"] = {**estimate.memory.as_dict(), "capacity": estimate.capacity}
+            atomic_write_json(run_dir / "metrics.json", metrics)
     except BaseException as exc:
         manifest.update(
             status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
@@ -242,6 +276,7 @@ def _run(
     progress: bool,
     checkpoint: Path | None,
 ) -> dict[str, Any]:
+    rss_before_model = psutil.Process().memory_info().rss  # the framework's own memory
     model: Any = load_model(source, cfg.model, device, dtype, load_options)
     # Real bytes of the loaded base weights (after quantisation, for 4-bit bases).
     metrics: dict[str, Any] = {"method": cfg.method.name, "base_weights_bytes": model.get_memory_footprint()}
@@ -272,6 +307,7 @@ def _run(
         optimizers=(optimizer, None),
         callbacks=[
             JsonlLogger(run_dir / "log.jsonl"),
+            split := MemorySplit(),
             tally,
             CheckpointMarker(),
             KeepNewestAndBest(cfg.train.save_total_limit),
@@ -320,6 +356,7 @@ def _run(
         padding=padding,
         padding_waste=padding["padding_waste"],
         memory=monitor.as_dict(),
+        memory_split=memory_split(model, split, monitor, rss_before_model),
         artefact=str(artefact.relative_to(run_dir)),
     )
     atomic_write_json(run_dir / "metrics.json", metrics)

@@ -205,6 +205,12 @@ def test_bad_input_exits_2_with_one_clear_line(tiny_run_config, tmp_path, capsys
         (["train", "/no/such/config.yaml"], "config file not found: /no/such/config.yaml"),
         (["train", "--resume", "/no/such/run"], "is not a peftlab run folder"),
         (["train"], "give a config file (see configs/) or --resume RUN_DIR"),
+        (
+            ["estimate", "--model", "/no/such/config.json"],
+            "model config file not found: /no/such/config.json",
+        ),
+        (["estimate", "--model", "x.json", "--gpu", "v100"], "unknown --gpu 'v100'; known: t4, a10g"),
+        (["estimate", "--method", "lorra"], "unknown method 'lorra'"),
     ],
 )
 def test_bad_command_lines(capsys, args, message):
