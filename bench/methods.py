@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
+TEST_TEXT = TRAIN_TEXT.with_name("wiki.test.raw")
 BLOCK, BATCH, SEED = 512, 4, 0
 CASES = {
     "full": {"name": "full"},
@@ -35,7 +36,8 @@ CASES = {
 }
 
 
-def run_peftlab(case: str, steps: int, out_dir: Path) -> dict:
+def run_peftlab(case: str, steps: int, out_dir: Path, eval_tokens: int = 0) -> dict:
+    """peftlab's own train(); with eval_tokens, held-out perplexity on that many wiki.test.raw tokens."""
     from peftlab.config import validate_config
     from peftlab.training import train
 
@@ -47,6 +49,9 @@ def run_peftlab(case: str, steps: int, out_dir: Path) -> dict:
                 "document_split": "file",
                 "block_size": BLOCK,
                 "max_train_tokens": BLOCK * BATCH * steps,
+                "validation_fraction": 0,  # the baseline has no validation pass either
+                "eval_path": str(TEST_TEXT),
+                "max_eval_tokens": max(eval_tokens, 2),
             },
             "method": CASES[case],
             "train": {
@@ -56,7 +61,7 @@ def run_peftlab(case: str, steps: int, out_dir: Path) -> dict:
                 "seed": SEED,
                 "lr_scheduler": "constant",
             },
-            "eval": {"enabled": False},
+            "eval": {"enabled": eval_tokens > 0, "window": BLOCK, "stride": BLOCK},
             "output": {"dir": str(out_dir), "name": case},
         }
     )
@@ -72,6 +77,8 @@ def run_peftlab(case: str, steps: int, out_dir: Path) -> dict:
         "estimate": metrics["estimate"],
         "memory_split": metrics["memory_split"],
         "loss_impl": metrics["loss_impl"],
+        "base_perplexity": metrics.get("base", {}).get("perplexity"),
+        "tuned_perplexity": metrics.get("tuned", {}).get("perplexity"),
     }
 
 
@@ -172,13 +179,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(CASES))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument(
+        "--eval-tokens", type=int, default=0, help="held-out perplexity on this many wiki.test.raw tokens"
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="peftlab methods only")
     args = parser.parse_args()
     out_dir = Path(args.out)
     if args.one:  # child process: one case, one JSON line
         result = (
             run_baseline(args.steps, out_dir / "runs")
             if args.one == "baseline"
-            else run_peftlab(args.one, args.steps, out_dir / "runs")
+            else run_peftlab(args.one, args.steps, out_dir / "runs", args.eval_tokens)
         )
         print("RESULT " + json.dumps(result))
         return
@@ -186,15 +197,20 @@ def main() -> None:
 
     shutil.rmtree(out_dir / "runs", ignore_errors=True)
     rows = []
-    for case in ["baseline", *args.methods]:
-        result = run_case(case, args.steps, out_dir)
+    for case in ([] if args.no_baseline else ["baseline"]) + args.methods:
+        result = run_case(case, args.steps, out_dir, eval_tokens=args.eval_tokens)
         if result is None:
             continue
         rows.append(result)
         r = rows[-1]
         print(
             f"{r['case']:32s} {r['tokens_per_second']:8.1f} tok/s  {r['peak_rss_gib']:6.2f} GiB  "
-            f"{r['trainable_params']:>12,d} trainable  loss {r['final_loss']:.4f}",
+            f"{r['trainable_params']:>12,d} trainable  loss {r['final_loss']:.4f}"
+            + (
+                f"  ppl {r['base_perplexity']:.2f} -> {r['tuned_perplexity']:.2f}"
+                if r.get("tuned_perplexity")
+                else ""
+            ),
             flush=True,
         )
     base = rows[0] if rows and rows[0]["case"].startswith("baseline") else None
@@ -210,8 +226,9 @@ def main() -> None:
             f"{summary['lora_vs_baseline']['peak_rss_ratio']:.2f}x peak RSS"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "methods.json").write_text(json.dumps(summary, indent=2))
-    print(f"written {out_dir / 'methods.json'}")
+    name = "methods-quality.json" if args.eval_tokens else "methods.json"
+    (out_dir / name).write_text(json.dumps(summary, indent=2))
+    print(f"written {out_dir / name}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def chunked_lm_loss(
     head: nn.Module,
     labels: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
-    chunk_rows: int = 1024,
+    chunk_rows: int = 256,
 ) -> torch.Tensor:
     """The causal-LM loss of `head(hidden)` against `labels`, equal to transformers' ForCausalLMLoss.
 
