@@ -210,7 +210,8 @@ def main() -> None:
                 f"  ppl {r['base_perplexity']:.2f} -> {r['tuned_perplexity']:.2f}"
                 if r.get("tuned_perplexity")
                 else ""
-            ),
+            )
+            + (f"  estimated peak {r['estimated_peak_gib']:.2f} GiB" if r.get("estimated_peak_gib") else ""),
             flush=True,
         )
     base = rows[0] if rows and rows[0]["case"].startswith("baseline") else None
