@@ -21,9 +21,17 @@ from transformers.trainer_callback import ProgressCallback
 
 from peftlab.callbacks import JsonlLogger, LossProgressBar, read_log
 from peftlab.config import RunConfig
-from peftlab.data.lm import build_eval_tokens
 from peftlab.data.task import TaskData, build_task_data
-from peftlab.evaluation.suite import EvalData, evaluate_lm
+from peftlab.evaluation.compare import write_samples
+from peftlab.evaluation.runner import (
+    EvalInputs,
+    build_eval_inputs,
+    compare_sides,
+    evaluate_base,
+    evaluate_model,
+    model_identity,
+    plot_confusions,
+)
 from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
     ModelSource,
@@ -119,10 +127,7 @@ def train(cfg: RunConfig, progress: bool = True, resume_dir: Path | None = None)
 
     # Data first: bad data fails before a run folder or a model exists.
     task = build_task_data(cfg.data, tokenizer, cfg.train.seed)
-    eval_data = None
-    if cfg.eval.enabled and (cfg.data.kind == "text" or cfg.data.eval_path):
-        ids, text = build_eval_tokens(cfg.data, tokenizer)
-        eval_data = EvalData(ids, str(cfg.data.eval_path), documents=[text])
+    eval_data = build_eval_inputs(cfg, tokenizer, task) if cfg.eval.enabled else None
 
     if resume_dir is not None and checkpoint is not None:
         run_dir = resume_dir
@@ -169,7 +174,7 @@ def _new_run(
     dtype: torch.dtype,
     source: ModelSource,
     task: TaskData,
-    eval_data: EvalData | None,
+    eval_data: EvalInputs | None,
 ) -> tuple[Path, dict[str, Any]]:
     run_dir = create_run_dir(cfg.output.dir, default_run_name(cfg))
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -188,7 +193,7 @@ def _new_run(
             "train_path": cfg.data.train_path,
             **task.stats,
             "eval_path": cfg.data.eval_path,
-            "eval_tokens": len(eval_data.ids) if eval_data else 0,
+            "eval_tokens": len(eval_data.lm.ids) if eval_data and eval_data.lm else 0,
         },
     }
     atomic_write_json(run_dir / "manifest.json", manifest)
@@ -206,7 +211,7 @@ def _run(
     dtype: torch.dtype,
     load_options: dict[str, Any],
     task: TaskData,
-    eval_data: EvalData | None,
+    eval_data: EvalInputs | None,
     progress: bool,
     checkpoint: Path | None,
 ) -> dict[str, Any]:
@@ -217,7 +222,10 @@ def _run(
     if eval_data is not None and checkpoint is not None and base_file.is_file():
         metrics["base"] = json.loads(base_file.read_text())  # measured before the interruption
     elif eval_data is not None:
-        metrics["base"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "base", progress)
+        identity = model_identity(model_fingerprint(source), cfg, device, dtype, load_options)
+        metrics["base"], metrics["base_eval_cached"] = evaluate_base(
+            model, tokenizer, cfg, eval_data, identity, progress
+        )
         atomic_write_json(base_file, metrics["base"])
 
     model = spec.prepare(model, cfg.method)
@@ -250,7 +258,15 @@ def _run(
     tokens_seen = trainer.state.num_input_tokens_seen
 
     if eval_data is not None:
-        metrics["tuned"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "tuned", progress)
+        metrics["tuned"] = evaluate_model(model, tokenizer, cfg, eval_data, "tuned", progress)
+        metrics["forgetting"], samples = compare_sides(metrics["base"], metrics["tuned"], eval_data)
+        if samples:
+            write_samples(
+                run_dir,
+                [r["prompt"] for r in samples],
+                [r["base"] for r in samples],
+                [r["tuned"] for r in samples],
+            )
     artefact = run_dir / spec.artifact
     model.save_pretrained(artefact, safe_serialization=True)
     tokenizer.save_pretrained(artefact)
@@ -273,6 +289,8 @@ def _run(
         artefact=str(artefact.relative_to(run_dir)),
     )
     atomic_write_json(run_dir / "metrics.json", metrics)
+    if eval_data is not None:
+        plot_confusions(run_dir / "plots", {"base": metrics["base"], "tuned": metrics["tuned"]})
     if losses:
         from peftlab.reports.plots import plot_loss  # matplotlib costs ~35 MB RSS: load it after training
 
