@@ -172,21 +172,27 @@ def build_eval_inputs(cfg: RunConfig, tokenizer: Any, task: TaskData) -> EvalInp
         ]
         inputs.class_gold = [r["label"] for r in chosen]
     elif kind == "chat":
-        room = cfg.data.max_seq_len
+        counts = inputs.counts
         for rec in records:
             item = chat_item(rec["messages"], tokenizer, cfg.data.chat_template)
+            # prompt + the longer of reference and generated answer must fit data.max_seq_len;
+            # a long conversation keeps its latest turns (the prompt is cut on the left)
+            room = cfg.data.max_seq_len - max(len(item.answer_ids) if item else 0, cfg.eval.max_new_tokens)
             if item is None:
-                inputs.counts["skipped_no_reply"] = inputs.counts.get("skipped_no_reply", 0) + 1
-            elif len(item.prompt_ids) + max(len(item.answer_ids), cfg.eval.max_new_tokens) > room:
-                inputs.counts["skipped_too_long"] = inputs.counts.get("skipped_too_long", 0) + 1
+                counts["skipped_no_reply"] = counts.get("skipped_no_reply", 0) + 1
+            elif room < 1:
+                counts["skipped_answer_too_long"] = counts.get("skipped_answer_too_long", 0) + 1
             else:
+                if len(item.prompt_ids) > room:
+                    item.prompt_ids = item.prompt_ids[-room:]
+                    counts["prompts_cut_left"] = counts.get("prompts_cut_left", 0) + 1
                 inputs.chat.append(item)
             if limit is not None and len(inputs.chat) == limit:
                 break
         if not inputs.chat:
             raise DataError(
-                f"no held-out conversation fits data.max_seq_len={room} with eval.max_new_tokens="
-                f"{cfg.eval.max_new_tokens} (or none has an assistant reply)"
+                f"no held-out conversation has an assistant reply that fits data.max_seq_len="
+                f"{cfg.data.max_seq_len} with eval.max_new_tokens={cfg.eval.max_new_tokens}"
             )
     inputs.general, inputs.general_skipped = general_text(cfg.eval, tokenizer)
     inputs.sample_prompts = list(cfg.eval.sample_prompts)
