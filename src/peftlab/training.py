@@ -22,15 +22,14 @@ from transformers.trainer_callback import ProgressCallback
 from peftlab.callbacks import JsonlLogger, LossProgressBar, read_log
 from peftlab.config import RunConfig
 from peftlab.data.task import TaskData, build_task_data
-from peftlab.evaluation.compare import write_samples
 from peftlab.evaluation.runner import (
     EvalInputs,
     build_eval_inputs,
-    compare_sides,
     evaluate_base,
     evaluate_model,
     model_identity,
     plot_confusions,
+    record_comparison,
 )
 from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
@@ -259,14 +258,7 @@ def _run(
 
     if eval_data is not None:
         metrics["tuned"] = evaluate_model(model, tokenizer, cfg, eval_data, "tuned", progress)
-        metrics["forgetting"], samples = compare_sides(metrics["base"], metrics["tuned"], eval_data)
-        if samples:
-            write_samples(
-                run_dir,
-                [r["prompt"] for r in samples],
-                [r["base"] for r in samples],
-                [r["tuned"] for r in samples],
-            )
+        metrics["forgetting"] = record_comparison(run_dir, metrics["base"], metrics["tuned"], eval_data)
     artefact = run_dir / spec.artifact
     model.save_pretrained(artefact, safe_serialization=True)
     tokenizer.save_pretrained(artefact)

@@ -40,7 +40,7 @@ from peftlab.data.templates import (
 from peftlab.data.text import load_documents
 from peftlab.errors import DataError
 from peftlab.evaluation.classification import classification_metrics, label_loglikelihoods
-from peftlab.evaluation.compare import forgetting
+from peftlab.evaluation.compare import forgetting, write_samples
 from peftlab.evaluation.generation import answer_loss, generate_greedy
 from peftlab.evaluation.perplexity import LMScores, score_tokens
 from peftlab.evaluation.suite import EvalData, evaluate_lm
@@ -360,6 +360,18 @@ def compare_sides(
         for p, a, c in zip(inputs.sample_prompts, base_answers, tuned_answers, strict=False)
     ]
     return result, rows
+
+
+def record_comparison(
+    run_dir: Path, base: dict[str, Any], tuned: dict[str, Any], inputs: EvalInputs
+) -> dict[str, Any]:
+    """compare_sides, with the sample rows written to samples.md / samples.jsonl in the run folder."""
+    result, rows = compare_sides(base, tuned, inputs)
+    if rows:
+        write_samples(
+            run_dir, [r["prompt"] for r in rows], [r["base"] for r in rows], [r["tuned"] for r in rows]
+        )
+    return result
 
 
 def plot_confusions(plots_dir: Path, sides: dict[str, dict[str, Any]]) -> None:
