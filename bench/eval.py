@@ -9,7 +9,8 @@
    prompt; figure: real new tokens per second (tokens after a row's EOS are not counted) and how
    many answers agree token for token.
 
-The two sides alternate for --repeats rounds and the best time of each is kept (the machine is shared).
+The two sides run in turn for --repeats rounds, the order flipped each round, and the best time of
+each is kept (the machine is shared).
 Prints a table and writes bench/results/eval.json.
 
     PYTHONPATH=src .venv/bin/python bench/eval.py                      # whole wikitext-2 test split
@@ -117,21 +118,25 @@ def main() -> None:
         model(torch.tensor([ids[: args.window]]))
     ppl: dict[str, list[float]] = {"peftlab": [], "guide": []}
     ours = guide = None
-    for _ in range(args.repeats):
-        seconds, ours = timed(
-            lambda: score_tokens(
-                model,
-                ids,
-                args.window,
-                args.stride,
-                args.batch_size,
-                pad_id=tokenizer.pad_token_id,
-                progress=False,
-            )
-        )
-        ppl["peftlab"].append(seconds)
-        seconds, guide = timed(lambda: guide_loop(model, torch.tensor([ids]), args.window, args.stride))
-        ppl["guide"].append(seconds)
+    for r in range(args.repeats):
+        for side in ("peftlab", "guide") if r % 2 == 0 else ("guide", "peftlab"):  # flip the order
+            if side == "peftlab":
+                seconds, ours = timed(
+                    lambda: score_tokens(
+                        model,
+                        ids,
+                        args.window,
+                        args.stride,
+                        args.batch_size,
+                        pad_id=tokenizer.pad_token_id,
+                        progress=False,
+                    )
+                )
+            else:
+                seconds, guide = timed(
+                    lambda: guide_loop(model, torch.tensor([ids]), args.window, args.stride)
+                )
+            ppl[side].append(seconds)
     assert ours is not None and guide is not None
     assert ours.tokens == guide[1] == len(ids) - 1
 
@@ -147,13 +152,15 @@ def main() -> None:
     generate_greedy(model, tokenizer, prompts[:2], 2, 2)  # warm-up
     gen: dict[str, list[float]] = {"batched": [], "one_by_one": []}
     batched = single = None
-    for _ in range(args.repeats):
-        seconds, batched = timed(
-            lambda: generate_greedy(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
-        )
-        gen["batched"].append(seconds)
-        seconds, single = timed(lambda: one_by_one(model, tokenizer, prompts, args.max_new_tokens))
-        gen["one_by_one"].append(seconds)
+    for r in range(args.repeats):
+        for side in ("batched", "one_by_one") if r % 2 == 0 else ("one_by_one", "batched"):
+            if side == "batched":
+                seconds, batched = timed(
+                    lambda: generate_greedy(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+                )
+            else:
+                seconds, single = timed(lambda: one_by_one(model, tokenizer, prompts, args.max_new_tokens))
+            gen[side].append(seconds)
     assert batched is not None and single is not None
     new_batched, new_single = sum(map(len, batched)), sum(map(len, single))
 
