@@ -173,19 +173,20 @@ def build_eval_inputs(cfg: RunConfig, tokenizer: Any, task: TaskData) -> EvalInp
         inputs.class_gold = [r["label"] for r in chosen]
     elif kind == "chat":
         counts = inputs.counts
+        counts.update(prompts_cut_left=0, skipped_no_reply=0, skipped_answer_too_long=0)  # 0s stated too
         for rec in records:
             item = chat_item(rec["messages"], tokenizer, cfg.data.chat_template)
             # prompt + the longer of reference and generated answer must fit data.max_seq_len;
             # a long conversation keeps its latest turns (the prompt is cut on the left)
             room = cfg.data.max_seq_len - max(len(item.answer_ids) if item else 0, cfg.eval.max_new_tokens)
             if item is None:
-                counts["skipped_no_reply"] = counts.get("skipped_no_reply", 0) + 1
+                counts["skipped_no_reply"] += 1
             elif room < 1:
-                counts["skipped_answer_too_long"] = counts.get("skipped_answer_too_long", 0) + 1
+                counts["skipped_answer_too_long"] += 1
             else:
                 if len(item.prompt_ids) > room:
                     item.prompt_ids = item.prompt_ids[-room:]
-                    counts["prompts_cut_left"] = counts.get("prompts_cut_left", 0) + 1
+                    counts["prompts_cut_left"] += 1
                 inputs.chat.append(item)
             if limit is not None and len(inputs.chat) == limit:
                 break
