@@ -36,7 +36,7 @@ CASES = {
 }
 
 
-def run_peftlab(case: str, steps: int, out_dir: Path, eval_tokens: int = 0) -> dict:
+def run_peftlab(case: str, steps: int, out_dir: Path, eval_tokens: int = 0, **train_extra: object) -> dict:
     """peftlab's own train(); with eval_tokens, held-out perplexity on that many wiki.test.raw tokens."""
     from peftlab.config import validate_config
     from peftlab.training import train
@@ -60,6 +60,7 @@ def run_peftlab(case: str, steps: int, out_dir: Path, eval_tokens: int = 0) -> d
                 "lr": 1e-4,
                 "seed": SEED,
                 "lr_scheduler": "constant",
+                **train_extra,
             },
             "eval": {"enabled": eval_tokens > 0, "window": BLOCK, "stride": BLOCK},
             "output": {"dir": str(out_dir), "name": case},
@@ -149,19 +150,14 @@ def run_baseline(steps: int, out_dir: Path) -> dict:
     }
 
 
-def run_case(case: str, steps: int, out_dir: Path, script: Path | None = None) -> dict | None:
+def run_case(
+    case: str, steps: int, out_dir: Path, script: Path | None = None, eval_tokens: int = 0
+) -> dict | None:
     """One case in a fresh subprocess (so its peak RSS is its own); None when it failed."""
+    extra = ["--eval-tokens", str(eval_tokens)] if eval_tokens else []
+    command = [sys.executable, str(script or __file__), "--one", case, "--steps", str(steps)]
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(script or __file__),
-            "--one",
-            case,
-            "--steps",
-            str(steps),
-            "--out",
-            str(out_dir),
-        ],
+        [*command, "--out", str(out_dir), *extra],
         capture_output=True,
         text=True,
         check=False,

@@ -76,6 +76,16 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> L
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Fast tests get their own $PEFTLAB_CACHE (tokenised data, base evaluations), so a result cached
+    by an earlier session can never stand in for one this code computes. Slow tests keep the user's
+    cache: it holds the converted SmolLM2."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()
@@ -112,6 +122,15 @@ def tiny_run_config(tiny_model_dir: Path, text_files: tuple[Path, Path], tmp_pat
         "data": {"train_path": str(train), "eval_path": str(held_out), "block_size": 32},
         "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "train": {"max_steps": 6, "batch_size": 2, "lr": 5e-3, "seed": 0},
-        "eval": {"window": 16, "stride": 8, "batch_size": 2},
+        "eval": {
+            "window": 16,
+            "stride": 8,
+            "batch_size": 2,
+            # the evaluation defaults (4,096 forgetting tokens, ten prompts x 64 new tokens) take
+            # ~30 s on the tiny model; tests that need them set them
+            "forgetting_max_tokens": 256,
+            "sample_prompts": ["Name a fox.", "What did the cat sit on?"],
+            "max_new_tokens": 8,
+        },
         "output": {"dir": str(tmp_path / "runs"), "name": "tiny"},
     }

@@ -7,6 +7,9 @@ grows to about twice the live memory (measured on SmolLM2 LoRA, 512x4 fp32: 6.5 
 with a fixed threshold). Fixing the thresholds with mallopt keeps large tensors on mmap, returned to
 the system when freed. Nothing in torch or transformers sets this; the alternative is preloading
 jemalloc/tcmalloc, which a pip install cannot do.
+
+The price is a page fault for every fresh block: on this project's VM a SmolLM2 LoRA step took
+18.5 s instead of 13.3 s. `train.release_memory=false` keeps glibc's default behaviour.
 """
 
 from __future__ import annotations

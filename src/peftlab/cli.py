@@ -88,6 +88,48 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peftlab.reports.table import evaluation_rows, render_text
+
+    overrides = list(args.overrides)
+    if args.config is None and args.model is None:
+        if args.run_dir is None:
+            raise PeftlabError("give a run folder (peftlab eval RUN_DIR) or --config CONFIG [--model NAME]")
+        if "=" in args.run_dir:
+            raise PeftlabError(f"{args.run_dir!r} looks like an override; give the run folder first")
+        from peftlab.evaluation.standalone import evaluate_run
+
+        if args.out:
+            raise PeftlabError(
+                "--out is for --config evaluations; a run's evaluation goes to RUN_DIR/eval.json"
+            )
+        result = evaluate_run(Path(args.run_dir), overrides, progress=not args.quiet)
+        print()
+        print(render_text(evaluation_rows(result["base"], result["tuned"], result["forgetting"])))
+        print(f"\nwritten: {Path(args.run_dir) / 'eval.json'}")
+        return 0
+    if args.config is None:
+        raise PeftlabError("--model needs --config CONFIG (the data and evaluation settings)")
+    if args.run_dir is not None:  # argparse puts the first override into run_dir
+        overrides.insert(0, args.run_dir)
+    from peftlab.config import load_config
+    from peftlab.evaluation.standalone import evaluate_base_model
+
+    if args.model is not None:
+        overrides.append(f"model.name={args.model}")
+    # the method does not matter for a base model; a config written for evaluation may lack one
+    cfg = load_config(args.config, overrides, base={"method": {"name": "full"}})
+    out = Path(args.out) if args.out else None
+    result = evaluate_base_model(cfg, progress=not args.quiet, out=out)
+    print()
+    print(render_text(evaluation_rows(result["base"], {}), headers=("metric", "base")))
+    for row in result["samples"][:3]:
+        print(f"\n> {row['prompt']}\n{row['base']}")
+    if out is not None:
+        print(f"\nwritten: {out}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from peftlab.methods import get_method, method_names
 
@@ -129,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokens", type=int, help="training tokens, for the time estimate")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser(
+        "eval",
+        help="re-evaluate a run folder (base and tuned; writes RUN_DIR/eval.json), or a base model "
+        "alone with --config (and --model)",
+    )
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a completed run folder")
+    p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.max_examples=200")
+    p.add_argument("--config", help="evaluate a base model alone with this config's data and eval settings")
+    p.add_argument("--model", help="the base model (alias, folder, .gguf, hub id); default: the config's")
+    p.add_argument("--out", metavar="FILE", help="with --config: also write the result as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("methods", help="list the registered fine-tuning methods")
     p.set_defaults(func=cmd_methods)

@@ -164,6 +164,13 @@ class TrainConfig(Section):
         "epoch end. Must equal save_steps when both are set, so the best checkpoint exists.",
     )
     logging_steps: int = Field(1, ge=1)
+    release_memory: bool = Field(
+        True,
+        description="CPU runs: give freed activation memory back to the system at once (fixed glibc malloc "
+        "thresholds), so peak RSS stays near the live memory the estimate predicts; costs ~20% speed where "
+        "page faults are expensive (VMs). false: glibc keeps freed memory for reuse (faster; peak RSS up "
+        "to ~1.7x the live memory on SmolLM2).",
+    )
     loss: Literal["auto", "chunked", "standard"] = Field(
         "auto",
         description="chunked: the causal-LM loss a chunk of tokens at a time, never holding the whole "
@@ -172,16 +179,67 @@ class TrainConfig(Section):
     )
 
 
+DEFAULT_FORGETTING_TEXT = "../shared/data/wikitext-2-raw-v1/wiki.test.raw"
+DEFAULT_SAMPLE_PROMPTS = (
+    "What is the capital of France?",
+    "Explain in two sentences why the sky is blue.",
+    "Write a haiku about autumn leaves.",
+    "Give three tips for staying focused while studying.",
+    "What is 17 multiplied by 3?",
+    "Translate 'Good morning, how are you?' into Spanish.",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "Write a Python function that returns the square of a number.",
+    "What should I pack for a weekend hiking trip?",
+    "Suggest a name for a small neighbourhood bakery.",
+)
+
+
 class EvalConfig(Section):
     enabled: bool = Field(True, description="Evaluate the base and the tuned model with the same code.")
     window: int = Field(512, ge=2, description="Sliding-window length L for perplexity.")
     stride: int = Field(256, ge=1, description="Sliding-window stride S (S <= L); each token is scored once.")
-    batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
+    batch_size: int = Field(4, ge=1, description="Windows (or prompts) per forward pass.")
+    max_new_tokens: int = Field(
+        64, ge=1, description="Greedy generation: new tokens per answer (chat eval and sample prompts)."
+    )
+    length_normalise: bool = Field(
+        False,
+        description="Classification: score a label by its mean token log-likelihood instead of the sum.",
+    )
+    max_examples: int | None = Field(
+        64,
+        ge=1,
+        description="Score at most the first N held-out records in classification and chat eval "
+        "(keeps CPU runs short); None: all.",
+    )
+    forgetting_path: str | None = Field(
+        "auto",
+        description="General held-out text for forgetting (tuned minus base cross-entropy). auto: "
+        f"{DEFAULT_FORGETTING_TEXT} when it exists (else forgetting is skipped with the reason in "
+        "metrics.json); a path: that text file (must exist); null: no forgetting.",
+    )
+    forgetting_max_tokens: int = Field(
+        4096, ge=2, description="Score the first N tokens of the forgetting text."
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS),
+        description="Prompts answered by base and tuned model (greedy), written to samples.md and "
+        "samples.jsonl in the run folder; [] for none.",
+    )
+    cache: bool = Field(
+        True,
+        description="Reuse the base model's evaluation from $PEFTLAB_CACHE/evals when the model, "
+        "evaluation inputs and settings are the same (a sweep evaluates its base once).",
+    )
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> EvalConfig:
         if self.stride > self.window:
             raise ValueError(f"eval.stride ({self.stride}) must be <= eval.window ({self.window})")
+        if any(not p.strip() for p in self.sample_prompts):
+            raise ValueError("eval.sample_prompts holds an empty prompt")
+        if self.forgetting_path is not None and not self.forgetting_path.strip():
+            raise ValueError("eval.forgetting_path is empty; use null to turn forgetting off")
         return self
 
 

@@ -23,10 +23,17 @@ from transformers.trainer_callback import ProgressCallback
 from peftlab.allocator import tame_glibc_malloc
 from peftlab.callbacks import JsonlLogger, LossProgressBar, MemorySplit, read_log
 from peftlab.config import RunConfig
-from peftlab.data.lm import build_eval_tokens
 from peftlab.data.task import TaskData, build_task_data
 from peftlab.errors import MethodError
-from peftlab.evaluation.suite import EvalData, evaluate_lm
+from peftlab.evaluation.runner import (
+    EvalInputs,
+    build_eval_inputs,
+    evaluate_base,
+    evaluate_model,
+    model_identity,
+    plot_confusions,
+    record_comparison,
+)
 from peftlab.fit import preflight
 from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
@@ -157,11 +164,12 @@ def train(
     Before anything is loaded, the memory estimate is printed; a run that will not fit is refused
     unless `force`."""
     checkpoint = checkpoint_to_resume(resume_dir) if resume_dir is not None else None
-    tame_glibc_malloc()  # peak RSS close to live memory on CPU (allocator.py)
     spec = get_method(cfg.method.name)
     set_seed(cfg.train.seed)
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device)
+    if cfg.train.release_memory and device.type == "cpu":
+        tame_glibc_malloc()  # peak RSS close to live memory (allocator.py)
     source = resolve_source(cfg.model)
     # Dry run of the method on the architecture alone (meta device): a bad target module or rank
     # fails here, before any weights are read or a run folder exists.
@@ -182,10 +190,7 @@ def train(
 
     # Data first: bad data fails before a run folder or a model exists.
     task = build_task_data(cfg.data, tokenizer, cfg.train.seed)
-    eval_data = None
-    if cfg.eval.enabled and (cfg.data.kind == "text" or cfg.data.eval_path):
-        ids, text = build_eval_tokens(cfg.data, tokenizer)
-        eval_data = EvalData(ids, str(cfg.data.eval_path), documents=[text])
+    eval_data = build_eval_inputs(cfg, tokenizer, task) if cfg.eval.enabled else None
 
     if resume_dir is not None and checkpoint is not None:
         run_dir = resume_dir
@@ -235,7 +240,7 @@ def _new_run(
     dtype: torch.dtype,
     source: ModelSource,
     task: TaskData,
-    eval_data: EvalData | None,
+    eval_data: EvalInputs | None,
 ) -> tuple[Path, dict[str, Any]]:
     run_dir = create_run_dir(cfg.output.dir, default_run_name(cfg))
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -254,7 +259,7 @@ def _new_run(
             "train_path": cfg.data.train_path,
             **task.stats,
             "eval_path": cfg.data.eval_path,
-            "eval_tokens": len(eval_data.ids) if eval_data else 0,
+            "eval_tokens": len(eval_data.lm.ids) if eval_data and eval_data.lm else 0,
         },
     }
     atomic_write_json(run_dir / "manifest.json", manifest)
@@ -272,7 +277,7 @@ def _run(
     dtype: torch.dtype,
     load_options: dict[str, Any],
     task: TaskData,
-    eval_data: EvalData | None,
+    eval_data: EvalInputs | None,
     progress: bool,
     checkpoint: Path | None,
 ) -> dict[str, Any]:
@@ -284,7 +289,10 @@ def _run(
     if eval_data is not None and checkpoint is not None and base_file.is_file():
         metrics["base"] = json.loads(base_file.read_text())  # measured before the interruption
     elif eval_data is not None:
-        metrics["base"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "base", progress)
+        identity = model_identity(model_fingerprint(source), cfg, device, dtype, load_options)
+        metrics["base"], metrics["base_eval_cached"] = evaluate_base(
+            model, tokenizer, cfg, eval_data, identity, progress
+        )
         atomic_write_json(base_file, metrics["base"])
 
     model = spec.prepare(model, cfg.method)
@@ -333,7 +341,8 @@ def _run(
     step_seconds = train_seconds - validation["eval_seconds"]  # speed leaves validation out
 
     if eval_data is not None:
-        metrics["tuned"] = evaluate_lm(model, tokenizer, eval_data, cfg.eval, "tuned", progress)
+        metrics["tuned"] = evaluate_model(model, tokenizer, cfg, eval_data, "tuned", progress)
+        metrics["forgetting"] = record_comparison(run_dir, metrics["base"], metrics["tuned"], eval_data)
     artefact = run_dir / spec.artifact
     model.save_pretrained(artefact, safe_serialization=True)
     tokenizer.save_pretrained(artefact)
@@ -360,6 +369,8 @@ def _run(
         artefact=str(artefact.relative_to(run_dir)),
     )
     atomic_write_json(run_dir / "metrics.json", metrics)
+    if eval_data is not None:
+        plot_confusions(run_dir / "plots", {"base": metrics["base"], "tuned": metrics["tuned"]})
     if losses:
         from peftlab.reports.plots import plot_loss  # matplotlib costs ~35 MB RSS: load it after training
 

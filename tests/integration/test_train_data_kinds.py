@@ -43,7 +43,8 @@ def test_train_on_structured_data(kind, tiny_run_config, tmp_path, monkeypatch):
             "label_names": ["negative", "positive"],
             "test_fraction": 0.2,
         }
-    raw = {**tiny_run_config, "data": {**data, "max_seq_len": 64}, "eval": {"enabled": False}}
+    raw = {**tiny_run_config, "data": {**data, "max_seq_len": 64}}
+    raw["eval"] = {**raw["eval"], "max_examples": 4, "forgetting_path": None}
     result = train(validate_config(raw), progress=False)
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["status"] == "completed"
@@ -54,3 +55,16 @@ def test_train_on_structured_data(kind, tiny_run_config, tmp_path, monkeypatch):
         assert stats["train_groups"] + stats["validation_groups"] + stats["test_groups"] == 6
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["train_steps"] == 6 and metrics["final_logged_loss"] > 0
+    # the evaluation of the data kind, for base and tuned alike
+    assert metrics["forgetting"] == {"skipped": "eval.forgetting_path is null"}
+    assert (result.run_dir / "samples.jsonl").is_file()
+    for side in ("base", "tuned"):
+        assert "perplexity" not in metrics[side]  # no data.eval_path: no held-out text to score
+        if kind == "chat":
+            gen = metrics[side]["generation"]
+            assert gen["examples"] == 4 and gen["answer_tokens"] > 0 and gen["answer_nll"] > 0
+            assert gen["prompts_cut_left"] == 4  # two turns of context do not fit max_seq_len=64
+        else:
+            cls = metrics[side]["classification"]
+            assert sum(map(sum, cls["confusion_matrix"])) == 4 and 0 <= cls["macro_f1"] <= 1
+            assert (result.run_dir / "plots" / f"confusion_{side}.png").stat().st_size > 1000

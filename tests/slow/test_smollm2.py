@@ -55,3 +55,10 @@ def test_short_lora_run_on_wikitext_lowers_held_out_perplexity(tmp_path):
     assert metrics["train_steps"] == 8
     assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
     assert metrics["final_logged_loss"] < metrics["first_logged_loss"]
+    # every run: forgetting on the default general text (wikitext-2 test) and ten side-by-side answers
+    assert metrics["forgetting"]["tokens"] == 4095 and metrics["forgetting"]["source"].endswith(
+        "wiki.test.raw"
+    )
+    rows = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and all(r["base"] and r["tuned"] for r in rows)
+    assert "Paris" in rows[0]["base"]  # "What is the capital of France?" answered by the instruct model

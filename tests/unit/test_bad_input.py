@@ -5,6 +5,7 @@ A row is (id, how to break the tiny run, text the message must contain). New com
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,21 @@ CASES: list[tuple[str, Breaker, str]] = [
     ),
     ("cuda-without-gpu", override("model.device=cuda"), "no CUDA device is visible"),
     ("output-not-writable", unwritable_output, "cannot create output folder"),
+    (
+        "forgetting-text-missing",
+        override("eval.forgetting_path=/no/such/general.txt"),
+        "eval.forgetting_path: file not found: /no/such/general.txt",
+    ),
+    (
+        "empty-sample-prompt",
+        override("eval.sample_prompts=['hi', ' ']"),
+        "eval.sample_prompts holds an empty prompt",
+    ),
+    (
+        "zero-new-tokens",
+        override("eval.max_new_tokens=0"),
+        "eval.max_new_tokens: Input should be greater than",
+    ),
 ]
 
 
@@ -252,3 +268,92 @@ def test_allow_pickle_is_an_explicit_opt_in(tiny_model_dir, tmp_path):
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True)
     )
+
+
+# --- peftlab eval ------------------------------------------------------------------------------
+
+
+def fake_run(status: str, error: str | None = None, adapter: bool = False) -> Callable[..., list[str]]:
+    """A run folder as train() leaves it (config, manifest, metrics), without training."""
+
+    def make(cfg: dict[str, Any], tmp: Path) -> list[str]:
+        run = tmp / "runs" / "fake"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / "manifest.json").write_text(json.dumps({"status": status, "error": error}))
+        if status == "completed":
+            (run / "metrics.json").write_text("{}")
+        if adapter:
+            (run / "adapter").mkdir()
+            (run / "adapter" / "adapter_config.json").write_text("{}")
+            (run / "adapter" / "adapter_model.bin").write_bytes(b"pickle")
+        return ["eval", str(run)]
+
+    return make
+
+
+def eval_config(*extra: str) -> Callable[..., list[str]]:
+    def make(cfg: dict[str, Any], tmp: Path) -> list[str]:
+        path = tmp / "eval.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return ["eval", "--config", str(path), *extra]
+
+    return make
+
+
+def fixed(*args: str) -> Callable[..., list[str]]:
+    return lambda cfg, tmp: list(args)
+
+
+EVAL_CASES: list[tuple[str, Callable[..., list[str]], str]] = [
+    ("no-arguments", fixed("eval"), "give a run folder (peftlab eval RUN_DIR) or --config CONFIG"),
+    ("not-a-run-folder", fixed("eval", "/no/such/run"), "/no/such/run is not a peftlab run folder"),
+    ("model-without-config", fixed("eval", "--model", "x"), "--model needs --config CONFIG"),
+    ("missing-config", fixed("eval", "--config", "/no/such.yaml"), "config file not found: /no/such.yaml"),
+    (
+        "failed-run",
+        fake_run("failed", "RuntimeError: disk on fire"),
+        "is failed (RuntimeError: disk on fire); only a completed run can be evaluated",
+    ),
+    ("interrupted-run", fake_run("interrupted"), "is interrupted; only a completed run can be evaluated"),
+    (
+        "missing-adapter",
+        fake_run("completed"),
+        "adapter is missing adapter_config.json, adapter_model.safetensors",
+    ),
+    ("pickle-adapter", fake_run("completed", adapter=True), "is missing adapter_model.safetensors"),
+    (
+        "run-with-model-override",
+        lambda cfg, tmp: [*fake_run("completed")(cfg, tmp), "model.name=other"],
+        "peftlab eval RUN_DIR takes eval.* overrides only (got 'model.name=other')",
+    ),
+    (
+        "out-with-run-dir",
+        lambda cfg, tmp: [*fake_run("completed")(cfg, tmp), "--out", "x.json"],
+        "--out is for --config",
+    ),
+    ("unknown-model", eval_config("--model", "/no/such/model"), "is neither a built-in alias"),
+    (
+        "eval-bad-override",
+        eval_config("eval.window=1"),
+        "eval.window: Input should be greater than or equal to 2",
+    ),
+    (
+        "eval-window-over-limit",
+        eval_config("eval.window=4096", "eval.stride=8"),
+        "eval.window=4096 is over the model's limit of 256",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "message"), EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
+def test_eval_bad_input_exits_2_with_one_clear_line(tiny_run_config, tmp_path, capsys, name, make, message):
+    args = make(tiny_run_config, tmp_path)
+    capsys.readouterr()
+    code = main([*args, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("peftlab: error: "), err
+    assert "Traceback" not in err
+    assert message in err
+    assert not list(tmp_path.glob("**/eval.json")), "a failed evaluation must leave no result"

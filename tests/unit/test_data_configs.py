@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO, SHARED_DATA
 from peftlab.config import load_config
 from peftlab.data.task import build_task_data
+from peftlab.evaluation.runner import build_eval_inputs
 
 CONFIGS = ["wikitext-lm", "alpaca-instruct", "oasst1-chat", "sst2-classification"]
 
@@ -30,3 +31,12 @@ def test_ready_config_builds_its_data(name, tiny_tokenizer, tmp_path, monkeypatc
         assert data.label_names == ["negative", "positive"]
         assert {r["label"] for r in data.test_records} == {"negative", "positive"}
     assert Path(path).is_file()
+    # and its evaluation inputs: every config is evaluated (base and tuned) when trained
+    assert cfg.eval.enabled
+    inputs = build_eval_inputs(cfg, tiny_tokenizer, data)
+    assert inputs.general is not None and len(inputs.general.ids) == cfg.eval.forgetting_max_tokens
+    assert len(inputs.sample_ids) == 10
+    if cfg.data.kind == "chat":
+        assert 0 < len(inputs.chat) == min(cfg.eval.max_examples, len(data.test_records))
+    if cfg.data.kind == "classification":
+        assert len(inputs.class_prompts) == min(cfg.eval.max_examples, len(data.test_records)) == 200

@@ -63,3 +63,30 @@ def test_classification_metrics_equal_hand_computed_values(tmp_path):
     assert m["macro_f1"] == pytest.approx((0.5 + f1_neg + 0.0) / 3)
     plot_confusion(m["confusion_matrix"], m["labels"], tmp_path / "cm.png")
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class VirtualTokens(torch.nn.Module):
+    """Like peft prompt tuning: logits for k virtual positions come before the inputs' own."""
+
+    def __init__(self, inner: torch.nn.Module, k: int = 3):
+        super().__init__()
+        self.inner, self.k = inner, k
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.inner(input_ids).logits  # [B, T, V]
+        junk = torch.full((logits.size(0), self.k, logits.size(2)), 5.0)
+        junk[..., 0] = 50.0  # would dominate any score it leaked into
+        return type("Out", (), {"logits": torch.cat([junk, logits], dim=1)})()  # [B, k + T, V]
+
+
+def test_virtual_token_positions_are_never_scored():
+    from peftlab.evaluation.generation import answer_loss
+
+    tok = CharTokenizer()
+    prompts, completions = ["x", "yx", "y"], ["a", "bb"]
+    plain = label_loglikelihoods(BigramModel(TABLE), tok, prompts, completions, batch_size=2)
+    wrapped = label_loglikelihoods(VirtualTokens(BigramModel(TABLE)), tok, prompts, completions, batch_size=2)
+    assert torch.allclose(plain, wrapped)
+    ids, answers = [[1, 3], [2]], [[3, 4], [4, 4, 3]]
+    want = answer_loss(BigramModel(TABLE), ids, answers, batch_size=2)
+    assert answer_loss(VirtualTokens(BigramModel(TABLE)), ids, answers, batch_size=2) == want

@@ -65,3 +65,32 @@ def test_padding_in_batched_windows_does_not_count(tiny_model):
     assert one.tokens == batched.tokens == 22
     assert batched.nll_sum == pytest.approx(one.nll_sum, rel=1e-5)
     assert batched.correct == one.correct
+
+
+def test_logits_only_for_scored_positions_give_the_same_scores(tiny_model, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from peftlab.evaluation import perplexity
+
+    ids = [5 + (i * 7) % 200 for i in range(61)]
+    assert perplexity.accepts_logits_to_keep(tiny_model)
+    assert not perplexity.accepts_logits_to_keep(BigramModel(torch.zeros(3, 3)))
+    calls = []
+    forward = tiny_model.forward
+
+    def spy(*args, logits_to_keep=0, **kwargs):
+        calls.append(logits_to_keep)
+        return forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", spy)
+    trimmed = score_tokens(tiny_model, ids, window=16, stride=4, batch_size=3, progress=False)
+    # the first batch holds the fully scored first window; later windows score their last S targets
+    assert calls and max(calls) == 16 and min(calls) == 4
+    monkeypatch.setattr(perplexity, "accepts_logits_to_keep", lambda model: False)
+    full = score_tokens(tiny_model, ids, window=16, stride=4, batch_size=3, progress=False)
+    assert trimmed.tokens == full.tokens == 60 and trimmed.correct == full.correct
+    assert trimmed.nll_sum == pytest.approx(full.nll_sum, rel=1e-6)
+
+    monkeypatch.undo()
+    wrapped = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert perplexity.accepts_logits_to_keep(wrapped)

@@ -42,9 +42,9 @@ def label_loglikelihoods(
         for row, s in enumerate(seqs):
             inputs[row, : len(s)] = torch.tensor(s)
             mask[row, : len(s)] = 1
-        logp = torch.log_softmax(
-            model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1
-        ).cpu()  # [B, T, V]
+        logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits
+        # the last T positions are the inputs' (prompt tuning puts virtual tokens in front)
+        logp = torch.log_softmax(logits[:, -width:].float(), dim=-1).cpu()  # [B, T, V]
         for row, (n, k) in enumerate(batch):
             start, comp = len(prompt_ids[n]), comp_ids[k]
             # token at position t is predicted by the logits at t-1

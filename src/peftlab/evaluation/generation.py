@@ -84,9 +84,8 @@ def answer_loss(
             inputs[row, : len(s)] = torch.tensor(s)
             labels[row, len(p) : len(s)] = torch.tensor(s[len(p) :])
             mask[row, : len(s)] = 1
-        logits = model(
-            input_ids=inputs.to(device), attention_mask=mask.to(device)
-        ).logits.float()  # [B, T, V]
+        logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits
+        logits = logits[:, -width:].float()  # [B, T, V]; virtual tokens (prompt tuning) come first
         shifted = labels[:, 1:].to(device)  # [B, T-1]: position t predicts token t+1
         nll_sum += torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)),

@@ -9,8 +9,10 @@ context. Perplexity = exp(sum NLL / tokens scored); padding never counts.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -80,6 +82,25 @@ def rolling_windows(n_tokens: int, window: int) -> list[tuple[int, int, int]]:
     return spans
 
 
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """True when model(..., logits_to_keep=k) reaches a transformers causal LM (directly, or through
+    a peft wrapper that passes keyword arguments on to its base model)."""
+
+    def params(m: Any) -> dict[str, inspect.Parameter]:
+        try:
+            return dict(inspect.signature(m.forward).parameters)
+        except (TypeError, ValueError, AttributeError):
+            return {}
+
+    own = params(model)
+    if "logits_to_keep" in own:
+        return True
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else None
+    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values())
+    return base is not None and base is not model and passes_on and "logits_to_keep" in params(base)
+
+
 @torch.no_grad()
 def score_tokens(
     model: torch.nn.Module,
@@ -99,6 +120,7 @@ def score_tokens(
     if spans is None:
         spans = sliding_windows(len(ids), window, stride)
     tokens = torch.tensor(ids, dtype=torch.long)
+    trims_logits = accepts_logits_to_keep(model)
     nll_sum, scored, correct = 0.0, 0, 0
     batches = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False):
@@ -113,12 +135,21 @@ def score_tokens(
             target_row[: first - (begin + 1)] = IGNORE_INDEX  # already scored by an earlier window
             targets[row, :n] = target_row
             mask[row, :n] = 1
-        logits = model(
-            input_ids=inputs.to(device), attention_mask=mask.to(device)
-        ).logits.float()  # [B, T, V]
-        targets = targets.to(device)
+        # Only positions that predict a target scored in this batch need logits; they are the last
+        # `keep` of every row (targets already scored lie at the start of a window). Asking the
+        # model for those alone skips most of the LM head, the softmax and the argmax when S < L.
+        keep = width - min(first - begin - 1 for begin, _, first in batch)
+        extra = {"logits_to_keep": keep} if trims_logits else {}
+        logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device), **extra).logits
+        # a model that ignores the option (or prepends virtual tokens) returns more positions;
+        # the real ones are always last
+        logits = logits[:, -keep:].float()  # [B, keep, V]
+        targets = targets[:, width - keep :].to(device)  # [B, keep]
         nll = torch.nn.functional.cross_entropy(
-            logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.reshape(-1, logits.size(-1)),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         valid = targets != IGNORE_INDEX
         nll_sum += nll.item()

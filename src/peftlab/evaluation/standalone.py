@@ -1,0 +1,132 @@
+"""`peftlab eval`: re-evaluate a finished run from its folder, or evaluate a base model alone.
+
+Both load what training loads (same config, same data split, same evaluation inputs) and score with
+evaluation/runner.py, so a re-evaluated run reproduces the tuned metrics of its metrics.json. Weights
+load from safetensors only: the run's adapter/ (peft) over the base, or its model/ folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peftlab.config import RunConfig, load_config
+from peftlab.data.task import build_task_data
+from peftlab.errors import PeftlabError
+from peftlab.evaluation.runner import (
+    build_eval_inputs,
+    compare_sides,
+    evaluate_base,
+    evaluate_model,
+    model_identity,
+)
+from peftlab.methods import get_method
+from peftlab.models import (
+    ModelSource,
+    check_lengths,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    pick_device,
+    pick_dtype,
+    resolve_source,
+)
+from peftlab.runs import atomic_write_json, load_run, now_iso
+
+
+def _check_artefact(folder: Path, kind: str) -> None:
+    needed = ["adapter_config.json", "adapter_model.safetensors"] if kind == "adapter" else ["config.json"]
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if kind != "adapter" and not any(folder.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise PeftlabError(
+            f"{folder} is missing {', '.join(missing)}; the run's trained weights are incomplete "
+            "(peftlab loads safetensors only)"
+        )
+
+
+def run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The run's own config (a completed run only); overrides may change eval.* keys only."""
+    if not (run_dir / "config.yaml").is_file():
+        raise PeftlabError(f"{run_dir} is not a peftlab run folder (no config.yaml)")
+    manifest = load_run(run_dir, allow_unfinished=True)["manifest"]
+    if manifest.get("status") != "completed":
+        why = f" ({manifest['error']})" if manifest.get("error") else ""
+        raise PeftlabError(
+            f"run {run_dir} is {manifest.get('status')}{why}; only a completed run can be evaluated"
+        )
+    bad = [o for o in overrides or [] if not o.startswith("eval.")]
+    if bad:
+        raise PeftlabError(f"peftlab eval RUN_DIR takes eval.* overrides only (got {bad[0]!r})")
+    return load_config(run_dir / "config.yaml", overrides)
+
+
+def evaluate_run(
+    run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Base (cached when possible) and tuned evaluation of a finished run; writes eval.json there."""
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir, overrides)
+    spec = get_method(cfg.method.name)
+    artefact = run_dir / spec.artifact
+    _check_artefact(artefact, spec.artifact)
+    device = pick_device(cfg.model.device)
+    dtype = pick_dtype(cfg.model.dtype, device)
+    source = resolve_source(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+    inputs = build_eval_inputs(cfg, tokenizer, build_task_data(cfg.data, tokenizer, cfg.train.seed))
+    load_options = spec.load_options(cfg.method, dtype) if spec.load_options else {}
+
+    model: Any = load_model(source, cfg.model, device, dtype, load_options)
+    check_lengths(model.config, {"eval.window": cfg.eval.window})
+    identity = model_identity(model_fingerprint(source), cfg, device, dtype, load_options)
+    base, cached = evaluate_base(model, tokenizer, cfg, inputs, identity, progress)
+    if spec.artifact == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(artefact), is_trainable=False)
+    else:
+        del model
+        tuned_source = ModelSource(str(artefact), f"trained model {artefact}")
+        model = load_model(tuned_source, cfg.model, device, dtype, load_options)
+    tuned = evaluate_model(model, tokenizer, cfg, inputs, "tuned", progress)
+    forgetting, samples = compare_sides(base, tuned, inputs)
+    result = {
+        "run_dir": str(run_dir),
+        "evaluated_at": now_iso(),
+        "weights": str(artefact.relative_to(run_dir)),
+        "base_eval_cached": cached,
+        "base": base,
+        "tuned": tuned,
+        "forgetting": forgetting,
+        "samples": samples,
+    }
+    atomic_write_json(run_dir / "eval.json", result)
+    return result
+
+
+def evaluate_base_model(cfg: RunConfig, progress: bool = True, out: Path | None = None) -> dict[str, Any]:
+    """The base model alone (as cfg.model loads it, no method load options) on cfg's evaluation."""
+    device = pick_device(cfg.model.device)
+    dtype = pick_dtype(cfg.model.dtype, device)
+    source = resolve_source(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+    inputs = build_eval_inputs(cfg, tokenizer, build_task_data(cfg.data, tokenizer, cfg.train.seed))
+    model = load_model(source, cfg.model, device, dtype)
+    check_lengths(model.config, {"eval.window": cfg.eval.window})
+    identity = model_identity(model_fingerprint(source), cfg, device, dtype, {})
+    base, cached = evaluate_base(model, tokenizer, cfg, inputs, identity, progress)
+    answers = base.pop("sample_answers", [])
+    result = {
+        "model": cfg.model.name,
+        "source": source.description,
+        "evaluated_at": now_iso(),
+        "base_eval_cached": cached,
+        "base": base,
+        "forgetting": {"skipped": "a base model alone has nothing to compare with"},
+        "samples": [{"prompt": p, "base": a} for p, a in zip(inputs.sample_prompts, answers, strict=False)],
+    }
+    if out is not None:
+        atomic_write_json(out, result)
+    return result
