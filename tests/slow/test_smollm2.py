@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
+from peftlab.callbacks import read_log
 from peftlab.config import ModelConfig, load_config
 from peftlab.models import load_model, load_tokenizer, resolve_source
 from peftlab.training import train
@@ -54,7 +55,9 @@ def test_short_lora_run_on_wikitext_lowers_held_out_perplexity(tmp_path):
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["train_steps"] == 8
     assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
-    assert metrics["final_logged_loss"] < metrics["first_logged_loss"]
+    # Single-batch losses vary with the batch's text; compare the halves of the run instead.
+    losses = [r["loss"] for r in read_log(result.run_dir / "log.jsonl")]
+    assert sum(losses[4:]) / 4 < sum(losses[:4]) / 4, losses
     # every run: forgetting on the default general text (wikitext-2 test) and ten side-by-side answers
     assert metrics["forgetting"]["tokens"] == 4095 and metrics["forgetting"]["source"].endswith(
         "wiki.test.raw"
