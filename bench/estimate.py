@@ -38,7 +38,9 @@ SHAPE = {"batch_size": 1, "seq": 512}
 def measured_vs_estimated(methods: list[str], steps: int, out_dir: Path) -> list[dict]:
     rows = []
     for case in methods:
-        r = run_case(case, steps, out_dir, ROOT / "bench" / "methods.py")
+        # release_memory=true: peak RSS is then the live memory the estimate counts (glibc's default
+        # malloc keeps up to ~1.7x more; see allocator.py)
+        r = run_case(case, steps, out_dir, ROOT / "bench" / "methods.py", release_memory=True)
         if r is None:
             continue
         ratio = r["estimated_peak_gib"] / r["peak_rss_gib"]

@@ -150,11 +150,21 @@ def run_baseline(steps: int, out_dir: Path) -> dict:
     }
 
 
+def release_option(release: bool) -> dict:
+    return {"release_memory": True} if release else {}
+
+
 def run_case(
-    case: str, steps: int, out_dir: Path, script: Path | None = None, eval_tokens: int = 0
+    case: str,
+    steps: int,
+    out_dir: Path,
+    script: Path | None = None,
+    eval_tokens: int = 0,
+    release_memory: bool = False,
 ) -> dict | None:
     """One case in a fresh subprocess (so its peak RSS is its own); None when it failed."""
     extra = ["--eval-tokens", str(eval_tokens)] if eval_tokens else []
+    extra += ["--release-memory"] if release_memory else []
     command = [sys.executable, str(script or __file__), "--one", case, "--steps", str(steps)]
     proc = subprocess.run(
         [*command, "--out", str(out_dir), *extra],
@@ -179,13 +189,22 @@ def main() -> None:
         "--eval-tokens", type=int, default=0, help="held-out perplexity on this many wiki.test.raw tokens"
     )
     parser.add_argument("--no-baseline", action="store_true", help="peftlab methods only")
+    parser.add_argument(
+        "--release-memory", action="store_true", help="train.release_memory=true (peak RSS ~ live memory)"
+    )
     args = parser.parse_args()
     out_dir = Path(args.out)
     if args.one:  # child process: one case, one JSON line
         result = (
             run_baseline(args.steps, out_dir / "runs")
             if args.one == "baseline"
-            else run_peftlab(args.one, args.steps, out_dir / "runs", args.eval_tokens)
+            else run_peftlab(
+                args.one,
+                args.steps,
+                out_dir / "runs",
+                args.eval_tokens,
+                **release_option(args.release_memory),
+            )
         )
         print("RESULT " + json.dumps(result))
         return
@@ -194,7 +213,9 @@ def main() -> None:
     shutil.rmtree(out_dir / "runs", ignore_errors=True)
     rows = []
     for case in ([] if args.no_baseline else ["baseline"]) + args.methods:
-        result = run_case(case, args.steps, out_dir, eval_tokens=args.eval_tokens)
+        result = run_case(
+            case, args.steps, out_dir, eval_tokens=args.eval_tokens, release_memory=args.release_memory
+        )
         if result is None:
             continue
         rows.append(result)

@@ -9,7 +9,7 @@ the system when freed. Nothing in torch or transformers sets this; the alternati
 jemalloc/tcmalloc, which a pip install cannot do.
 
 The price is a page fault for every fresh block: on this project's VM a SmolLM2 LoRA step took
-18.5 s instead of 13.3 s. `train.release_memory=false` keeps glibc's default behaviour.
+18.5 s instead of 13.3 s. So `train.release_memory` (auto by default) decides per run (fit.py).
 """
 
 from __future__ import annotations

@@ -164,12 +164,12 @@ class TrainConfig(Section):
         "epoch end. Must equal save_steps when both are set, so the best checkpoint exists.",
     )
     logging_steps: int = Field(1, ge=1)
-    release_memory: bool = Field(
-        True,
+    release_memory: bool | Literal["auto"] = Field(
+        "auto",
         description="CPU runs: give freed activation memory back to the system at once (fixed glibc malloc "
-        "thresholds), so peak RSS stays near the live memory the estimate predicts; costs ~20% speed where "
-        "page faults are expensive (VMs). false: glibc keeps freed memory for reuse (faster; peak RSS up "
-        "to ~1.7x the live memory on SmolLM2).",
+        "thresholds), so peak RSS stays near the live memory the estimate predicts, at ~15-40% speed where "
+        "page faults are expensive (VMs); false: glibc keeps freed memory for reuse (faster; peak RSS up to "
+        "~1.7x the live memory); auto: release only when the estimate x 1.7 would not fit in RAM.",
     )
     loss: Literal["auto", "chunked", "standard"] = Field(
         "auto",

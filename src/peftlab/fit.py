@@ -39,6 +39,9 @@ GPUS = {
 }
 GPU_UTILISATION = 0.40  # model FLOPs utilisation assumed on a GPU (typical for single-GPU fine-tuning)
 CPU_UTILISATION = 0.50  # measured 52% for packed LoRA on SmolLM2 (bench/train_speed.py)
+# Peak RSS with glibc's default malloc over the live memory the estimate counts: 5.45 GiB against
+# 3.25 GiB on a SmolLM2 LoRA step (512 x 4, fp32; allocator.py, bench/train_speed.py).
+GLIBC_RETENTION = 1.7
 CUDA_OVERHEAD = int(0.75 * 2**30)  # CUDA context, cuBLAS workspace and allocator slack (stated)
 
 
@@ -259,3 +262,13 @@ def preflight(cfg: RunConfig, model_config: Any, dtype: torch.dtype, force: bool
             f"{result.advice}, or pass --force to try anyway"
         )
     return result
+
+
+def must_release_memory(setting: bool | str, estimate: Plan | None) -> bool:
+    """Whether a CPU run fixes glibc's malloc thresholds (allocator.py): always or never when the
+    config says so; on auto only when glibc's retention would not fit (or nothing is estimated)."""
+    if isinstance(setting, bool):
+        return setting
+    if estimate is None:  # a resumed run: no estimate was made, so be safe
+        return True
+    return estimate.memory.total * GLIBC_RETENTION > estimate.capacity

@@ -34,7 +34,7 @@ from peftlab.evaluation.runner import (
     plot_confusions,
     record_comparison,
 )
-from peftlab.fit import preflight
+from peftlab.fit import must_release_memory, preflight
 from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
     ModelSource,
@@ -168,8 +168,6 @@ def train(
     set_seed(cfg.train.seed)
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device)
-    if cfg.train.release_memory and device.type == "cpu":
-        tame_glibc_malloc()  # peak RSS close to live memory (allocator.py)
     source = resolve_source(cfg.model)
     # Dry run of the method on the architecture alone (meta device): a bad target module or rank
     # fails here, before any weights are read or a run folder exists.
@@ -184,6 +182,9 @@ def train(
     )
     spec.prepare(architecture, cfg.method)
     estimate = preflight(cfg, architecture.config, dtype, force) if checkpoint is None else None
+    released = device.type == "cpu" and must_release_memory(cfg.train.release_memory, estimate)
+    if released:
+        tame_glibc_malloc()  # peak RSS close to live memory (allocator.py)
     del architecture
     load_options = spec.load_options(cfg.method, dtype) if spec.load_options else {}
     tokenizer = load_tokenizer(source, cfg.model)
@@ -217,6 +218,7 @@ def train(
             progress,
             checkpoint,
         )
+        metrics["release_memory"] = released
         if estimate is not None:
             metrics["estimate"] = {**estimate.memory.as_dict(), "capacity": estimate.capacity}
             atomic_write_json(run_dir / "metrics.json", metrics)

@@ -209,3 +209,18 @@ def test_published_architectures_give_their_parameter_counts(name):
     assert result.memory.weights >= 2 * expected[name]
     assert result.memory.optimizer_state >= 4 * expected[name]
     assert not result.fits or name == "llama-3.2-1b"
+
+
+def test_release_memory_auto_releases_only_when_glibc_retention_would_not_fit(base_dir):
+    from types import SimpleNamespace
+
+    from peftlab.fit import GLIBC_RETENTION, must_release_memory
+
+    def plan_of(total: int, capacity: int) -> Any:
+        return SimpleNamespace(memory=SimpleNamespace(total=total), capacity=capacity)
+
+    assert must_release_memory(True, plan_of(1, 100)) is True
+    assert must_release_memory(False, plan_of(100, 100)) is False
+    assert must_release_memory("auto", plan_of(100, int(100 * GLIBC_RETENTION) + 1)) is False
+    assert must_release_memory("auto", plan_of(100, int(100 * GLIBC_RETENTION) - 1)) is True
+    assert must_release_memory("auto", None) is True  # resumed runs are not re-estimated
