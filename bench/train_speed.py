@@ -88,6 +88,13 @@ def lora_flops_per_token() -> float:
     return flops_per_token(estimate_memory(cfg, config, __import__("torch").float32, 0), False)
 
 
+def versus(ours: dict, plain: dict) -> dict:
+    return {
+        "tokens_per_second_ratio": ours["tokens_per_second"] / plain["tokens_per_second"],
+        "peak_rss_ratio": ours["peak_rss_gib"] / plain["peak_rss_gib"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=4)
@@ -124,27 +131,16 @@ def main() -> None:
             flush=True,
         )
     summary: dict = {"steps": args.steps, "cpu_peak_flops": peak, "flops_per_token": fpt, "rows": rows}
-    if {"plain", "lora"} <= rows.keys():
-        plain, ours = rows["plain"], rows["lora"]
-        summary["peftlab_vs_plain"] = {
-            "tokens_per_second_ratio": ours["tokens_per_second"] / plain["tokens_per_second"],
-            "peak_rss_ratio": ours["peak_rss_gib"] / plain["peak_rss_gib"],
-        }
-        print(
-            f"\npeftlab / plain packed: {summary['peftlab_vs_plain']['tokens_per_second_ratio']:.2f}x tokens/s "
-            f"(goal >= 1.15), {summary['peftlab_vs_plain']['peak_rss_ratio']:.2f}x peak RSS (goal <= 0.60)"
-        )
-    if {"plain", "lora_release"} <= rows.keys():
-        plain, release = rows["plain"], rows["lora_release"]
-        summary["peftlab_release_vs_plain"] = {
-            "tokens_per_second_ratio": release["tokens_per_second"] / plain["tokens_per_second"],
-            "peak_rss_ratio": release["peak_rss_gib"] / plain["peak_rss_gib"],
-        }
-        print(
-            f"peftlab (release_memory=true) / plain packed: "
-            f"{summary['peftlab_release_vs_plain']['tokens_per_second_ratio']:.2f}x tokens/s, "
-            f"{summary['peftlab_release_vs_plain']['peak_rss_ratio']:.2f}x peak RSS"
-        )
+    for case, key, label in [
+        ("lora", "peftlab_vs_plain", "peftlab (release_memory=auto)"),
+        ("lora_release", "peftlab_release_vs_plain", "peftlab (release_memory=true)"),
+    ]:
+        if {"plain", case} <= rows.keys():
+            summary[key] = versus(rows[case], rows["plain"])
+            print(
+                f"{label} / plain packed: {summary[key]['tokens_per_second_ratio']:.2f}x tokens/s (goal >= 1.15), "
+                f"{summary[key]['peak_rss_ratio']:.2f}x peak RSS (goal <= 0.60)"
+            )
     if {"naive", "lora"} <= rows.keys():
         ratio = rows["lora"]["tokens_per_second"] / rows["naive"]["tokens_per_second"]
         summary["peftlab_vs_naive"] = ratio
