@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
@@ -83,25 +84,42 @@ def run_peftlab(case: str, steps: int, out_dir: Path, eval_tokens: int = 0, **tr
     }
 
 
+def plain_lora_trainer(path: str, data: list, steps: int, output_dir: Path, collator: Any = None) -> Any:
+    """A plain transformers Trainer over peft LoRA (r=8, alpha 16, q,k,v,o) with the bench's
+    settings: what a user would write without peftlab. Shared by the baselines of every bench."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from peftlab.models import pick_device, pick_dtype
+
+    device = pick_device("auto")
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype("auto", device)).to(device)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
+        ),
+    )
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=1e-4,
+        lr_scheduler_type="constant", seed=SEED, report_to=[], disable_tqdm=True, logging_steps=1,
+        use_cpu=device.type == "cpu", save_strategy="no",
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
+
+
 def run_baseline(steps: int, out_dir: Path) -> dict:
     """The plain recipe: tokenise the text, cut 512-token blocks, Trainer + peft LoRA (q,k,v,o)."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        Trainer,
-        TrainingArguments,
-        default_data_collator,
-    )
+    from transformers import AutoTokenizer, default_data_collator
 
     from peftlab.config import ModelConfig
-    from peftlab.models import pick_device, pick_dtype, resolve_source
+    from peftlab.models import resolve_source
     from peftlab.resources import ResourceMonitor
 
-    path = resolve_source(ModelConfig()).path  # the same cached SmolLM2 folder
-    device = pick_device("auto")
-    dtype = pick_dtype("auto", device)  # the same dtype peftlab picks, so the comparison is fair
+    path = resolve_source(ModelConfig()).path  # the same cached SmolLM2 folder, the dtype peftlab picks
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer(TRAIN_TEXT.read_text(), add_special_tokens=False)["input_ids"][: BLOCK * BATCH * steps]
     blocks = [ids[i : i + BLOCK] for i in range(0, len(ids) - BLOCK + 1, BLOCK)]
@@ -113,28 +131,8 @@ def run_baseline(steps: int, out_dir: Path) -> dict:
         }
         for b in blocks
     ]
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
-        ),
-    )
-    args = TrainingArguments(
-        output_dir=str(out_dir / "baseline"),
-        max_steps=steps,
-        per_device_train_batch_size=BATCH,
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        seed=SEED,
-        report_to=[],
-        disable_tqdm=True,
-        logging_steps=1,
-        use_cpu=device.type == "cpu",
-        save_strategy="no",
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
+    trainer: Any = plain_lora_trainer(path, data, steps, out_dir / "baseline", default_data_collator)
+    model = trainer.model
     with ResourceMonitor() as monitor:
         started = time.perf_counter()
         trainer.train()

@@ -21,24 +21,21 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from methods import BATCH, BLOCK, ROOT, SEED, TRAIN_TEXT, run_baseline, run_case, run_peftlab
+from methods import BATCH, BLOCK, ROOT, TRAIN_TEXT, plain_lora_trainer, run_baseline, run_case, run_peftlab
 
 
 def run_naive(steps: int, out_dir: Path) -> dict:
     """One line per example, padded to BLOCK, labels masked on padding; Trainer + peft LoRA."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer
 
     from peftlab.config import ModelConfig
-    from peftlab.models import pick_device, pick_dtype, resolve_source
+    from peftlab.models import resolve_source
     from peftlab.resources import ResourceMonitor
 
     path = resolve_source(ModelConfig()).path
-    device = pick_device("auto")
-    dtype = pick_dtype("auto", device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     lines = [ln for ln in TRAIN_TEXT.read_text().splitlines() if ln.strip()][: steps * BATCH]
     enc = tokenizer(lines, padding="max_length", truncation=True, max_length=BLOCK, return_tensors="pt")
@@ -47,20 +44,7 @@ def run_naive(steps: int, out_dir: Path) -> dict:
         {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": labels[i]}
         for i in range(len(lines))
     ]
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
-        ),
-    )
-    args = TrainingArguments(
-        output_dir=str(out_dir / "naive"), max_steps=steps, per_device_train_batch_size=BATCH,
-        learning_rate=1e-4, lr_scheduler_type="constant", seed=SEED, report_to=[], disable_tqdm=True,
-        logging_steps=1, use_cpu=device.type == "cpu", save_strategy="no",
-    )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer: Any = plain_lora_trainer(path, data, steps, out_dir / "naive")
     with ResourceMonitor() as monitor:
         started = time.perf_counter()
         trainer.train()

@@ -89,22 +89,24 @@ def read_log(path: Path, kind: Literal["train", "eval", "all"] = "train") -> lis
 
 
 class MemorySplit(TrainerCallback):
-    """Measures gradient and optimizer-state bytes at every optimizer step (largest seen).
+    """Measures gradient and optimizer-state bytes at the first optimizer step of a train() call.
 
     Gradients exist only between backward and the step (the Trainer sets them to None after), so
-    they are read just before the step; the optimizer state is complete just after it."""
+    they are read just before the step; the optimizer state is complete just after it. Both keep
+    their size from then on, so later steps (the hot path) are not walked again."""
 
     def __init__(self) -> None:
         self.gradient_bytes = 0
         self.optimizer_state_bytes = 0
+        self._measured = False
 
     def on_pre_optimizer_step(
         self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
     ) -> None:
         from peftlab.resources import gradient_bytes
 
-        if model is not None:
-            self.gradient_bytes = max(self.gradient_bytes, gradient_bytes(model))
+        if model is not None and not self._measured:
+            self.gradient_bytes = gradient_bytes(model)
 
     def on_optimizer_step(
         self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
@@ -112,5 +114,6 @@ class MemorySplit(TrainerCallback):
         from peftlab.resources import optimizer_state_bytes
 
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
-        if inner is not None and hasattr(inner, "state"):
-            self.optimizer_state_bytes = max(self.optimizer_state_bytes, optimizer_state_bytes(inner))
+        if inner is not None and hasattr(inner, "state") and not self._measured:
+            self.optimizer_state_bytes = optimizer_state_bytes(inner)
+            self._measured = True

@@ -8,6 +8,7 @@ prints it and refuses a run that will not fit unless forced.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -73,9 +74,12 @@ def flops_per_token(memory: MemoryEstimate, gradient_checkpointing: bool) -> flo
     return forward * (2 if gradient_checkpointing else 1) + backward
 
 
+@functools.lru_cache(maxsize=4)
 def measured_cpu_flops(seconds: float = 0.5) -> float:
-    """Peak fp32 matmul FLOP/s of this machine's CPU, measured now with torch.mm."""
-    a = torch.randn(1024, 1024)  # (1024, 1024)
+    """Peak fp32 matmul FLOP/s of this machine's CPU, measured with torch.mm (once per process:
+    every train() estimates, and a sweep should not pay for the measurement each time)."""
+    # Its own generator: the global RNG must not depend on whether this ran (adapter init follows it).
+    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))  # (1024, 1024)
     a @ a
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -98,7 +102,7 @@ def device_capacity(gpu: str | None) -> tuple[str, int, float, str]:
         _free, total = torch.cuda.mem_get_info()
         name = torch.cuda.get_device_name()
         # No datasheet for an unnamed GPU: a measured matmul peak stands in for it.
-        a = torch.randn(4096, 4096, device="cuda")
+        a = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)).cuda()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(10):

@@ -25,6 +25,7 @@ from peftlab.callbacks import JsonlLogger, LossProgressBar, MemorySplit, read_lo
 from peftlab.config import RunConfig
 from peftlab.data.task import TaskData, build_task_data
 from peftlab.errors import MethodError
+from peftlab.estimate import seq_len_key, seq_len_of
 from peftlab.evaluation.runner import (
     EvalInputs,
     build_eval_inputs,
@@ -45,6 +46,7 @@ from peftlab.models import (
     model_fingerprint,
     pick_device,
     pick_dtype,
+    read_model_config,
     resolve_source,
 )
 from peftlab.padding import PaddingTally
@@ -170,22 +172,24 @@ def train(
     dtype = pick_dtype(cfg.model.dtype, device)
     source = resolve_source(cfg.model)
     # Dry run of the method on the architecture alone (meta device): a bad target module or rank
-    # fails here, before any weights are read or a run folder exists.
-    architecture = build_on_meta(source, cfg.model)
-    length_key = "data.block_size" if cfg.data.kind == "text" else "data.max_seq_len"
+    # fails here, before any weights are read or a run folder exists. The estimate's own meta model
+    # is that dry run; a resumed run (no estimate) prepares one just for the check.
+    model_config = read_model_config(source, cfg.model)
     check_lengths(
-        architecture.config,
+        model_config,
         {
-            length_key: getattr(cfg.data, length_key.split(".")[1]),
+            seq_len_key(cfg): seq_len_of(cfg),
             "eval.window": cfg.eval.window if cfg.eval.enabled else None,
         },
     )
-    spec.prepare(architecture, cfg.method)
-    estimate = preflight(cfg, architecture.config, dtype, force) if checkpoint is None else None
+    if checkpoint is None:
+        estimate = preflight(cfg, model_config, dtype, force)
+    else:
+        estimate = None
+        spec.prepare(build_on_meta(source, cfg.model), cfg.method)
     released = device.type == "cpu" and must_release_memory(cfg.train.release_memory, estimate)
     if released:
         tame_glibc_malloc()  # peak RSS close to live memory (allocator.py)
-    del architecture
     load_options = spec.load_options(cfg.method, dtype) if spec.load_options else {}
     tokenizer = load_tokenizer(source, cfg.model)
 
