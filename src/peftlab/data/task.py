@@ -5,7 +5,9 @@ load -> normalise -> split test (by group) -> sample -> split validation (by gro
 -> pack. The validation set is tokenised and packed like train (it gives the in-training eval_loss);
 the held-out normalised test records and the counts travel along for evaluation and the manifest.
 Raw text takes its validation blocks from data.validation_path, else from the end of the training
-blocks. Tokenised examples are cached, keyed by data, tokenizer and settings.
+blocks. Tokenised examples are cached, keyed by data, tokenizer and settings. For a method whose spec
+has a classification head, classification records become (prompt ids, class index) rows instead
+(data/classes.py: one example a row, right-padded, not cached).
 """
 
 from __future__ import annotations

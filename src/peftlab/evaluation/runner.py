@@ -5,15 +5,17 @@ references) once; `evaluate_model` scores one model on them, base and tuned alik
 
 - held-out text (data.eval_path; required for kind text): token perplexity, token accuracy, word and
   byte perplexity, bits per byte (suite.evaluate_lm), at the top level of the result;
-- kind classification: each label's completion log-likelihood -> accuracy, macro-F1, per-class
-  precision/recall, confusion matrix, under "classification";
+- kind classification: each label's completion log-likelihood (a model with a classification head:
+  the argmax of its class logits) -> accuracy, macro-F1, per-class precision/recall, confusion
+  matrix, under "classification";
 - kind chat: greedy answers from the chat template's generation prompt (batched, left padding) ->
   BLEU-4, ROUGE-L, plus the loss and perplexity of the reference answers, under "generation";
 - every kind: cross-entropy on a general text under "general_text" (forgetting = tuned - base) and
   the greedy answers to eval.sample_prompts under "sample_answers".
 
 `evaluate_base` caches the base result in $PEFTLAB_CACHE/evals/<key>.json, key = hash(model identity,
-evaluation inputs, evaluation settings). Nothing here looks at the fine-tuning method.
+evaluation inputs, evaluation settings). Nothing here looks at the fine-tuning method (a head model
+is recognised by the model itself: heads.is_sequence_classifier).
 """
 
 from __future__ import annotations
