@@ -75,7 +75,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     if args.gpu is not None and args.gpu not in GPUS:
         raise PeftlabError(f"unknown --gpu {args.gpu!r}; known: {', '.join(GPUS)}")
-    base: dict = {"data": {"train_path": "(not read by estimate)"}, "method": {"name": args.method or "lora"}}
+    from peftlab.methods import get_method
+
+    method = args.method or "lora"
+    data: dict = {"train_path": "(not read by estimate)"}
+    if get_method(method).head == "sequence_classification":  # a head method trains on classification data
+        data["kind"] = "classification"
+    base: dict = {"data": data, "method": {"name": method}}
     if args.model:
         args.overrides.insert(0, f"model.name={args.model}")
     if args.method and args.config:

@@ -287,6 +287,24 @@ class RunConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _method_fits_the_data(self) -> RunConfig:
+        from peftlab.methods import get_method
+
+        head = get_method(self.method.name).head
+        if head == "sequence_classification":  # a head over a fixed label set; decided by the spec
+            if self.data.kind != "classification":
+                raise ValueError(
+                    f"method {self.method.name} needs data.kind=classification (a fixed label set); "
+                    f"got data.kind={self.data.kind}"
+                )
+            if self.train.loss == "chunked":
+                raise ValueError(
+                    f"train.loss=chunked is a causal-LM token loss; method {self.method.name} trains "
+                    "with its head's cross-entropy over classes (use train.loss=auto or standard)"
+                )
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

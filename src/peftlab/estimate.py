@@ -31,6 +31,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from peftlab.config import RunConfig
+from peftlab.heads import write_task_labels
 from peftlab.methods import get_method
 from peftlab.resources import tensor_bytes
 from peftlab.trainer import CHUNK_ROWS
@@ -90,6 +91,9 @@ def estimate_memory(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     quantised = _quantised_weights(model, spec.load_options(cfg.method, dtype) if spec.load_options else {})
+    # A head method reads the label count from the config: the data's label names when the config
+    # lists them, else the config default (2); the head is tiny either way.
+    write_task_labels(model, cfg.data.label_names if cfg.data.kind == "classification" else None)
     model = spec.prepare(model, cfg.method)
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
@@ -98,7 +102,9 @@ def estimate_memory(
     batch, seq = cfg.train.batch_size, seq_len_of(cfg)
     activations, checkpointed = _activation_bytes(model, batch, seq)
     vocab = int(model_config.vocab_size)
-    if loss == "chunked":  # one chunk of fp32 logits + its gradient in the model dtype
+    if spec.head != "causal_lm":  # class logits (B x labels): no vocabulary-sized working set
+        loss_bytes = 0
+    elif loss == "chunked":  # one chunk of fp32 logits + its gradient in the model dtype
         loss_bytes = min(CHUNK_ROWS, batch * seq) * vocab * (4 + _itemsize(dtype))
     else:  # logits, their fp32 copy, log-softmax, gradient
         loss_bytes = batch * seq * vocab * (_itemsize(dtype) + 3 * 4)

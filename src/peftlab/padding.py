@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from peftlab.data.classes import ClassCollator
 from peftlab.data.packing import PackedCollator
 from peftlab.runs import atomic_write_json
 
@@ -31,7 +32,7 @@ class PaddingTally(TrainerCallback):
     def __init__(self, checkpoint: Path | None = None) -> None:
         self.real = self.pad = 0
         self._handle: Any = None
-        self._collator: PackedCollator | None = None
+        self._collator: PackedCollator | ClassCollator | None = None
         saved = checkpoint / TALLY_FILE if checkpoint is not None else None
         if saved is not None and saved.is_file():
             counts = json.loads(saved.read_text())
@@ -40,7 +41,7 @@ class PaddingTally(TrainerCallback):
     def attach(self, model: torch.nn.Module, collator: Any) -> bool:
         """Make `collator` tag its batches and count them at `model`'s forward; False when the
         collator cannot (fixed-length blocks: their padding is known from the data)."""
-        if not isinstance(collator, PackedCollator):
+        if not isinstance(collator, (PackedCollator, ClassCollator)):
             return False
         collator.tally_key = TALLY_KEY
         self._collator = collator

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from peftlab.heads import is_sequence_classifier
 from peftlab.loss import IGNORE_INDEX, chunked_lm_loss
 
 CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 49,152 fp32 = 50 MB for SmolLM2 (1024: +0.4 GiB peak, no faster)
@@ -62,11 +63,18 @@ def chunked_loss_agrees(model: Any, batch: dict[str, Any], rtol: float = 1e-3) -
 
 
 class PeftlabTrainer(Trainer):
-    """Trainer whose training loss is the chunked causal-LM loss when `chunked_loss` is set."""
+    """Trainer whose training loss is the chunked causal-LM loss when `chunked_loss` is set.
+
+    A sequence classifier's own loss is the mean over its micro-batch: transformers passes it
+    num_items_in_batch (its forward takes **kwargs) and then does not divide by the accumulation
+    steps, but GenericForSequenceClassification never hands that count to its loss. compute_loss
+    therefore rescales that mean to (sum over the micro-batch) / (examples in the accumulated batch),
+    so 4 micro-batches of 1 give the gradients of 1 batch of 4."""
 
     def __init__(self, *args: Any, chunked_loss: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.chunked_loss = chunked_loss
+        self.batch_mean_loss = is_sequence_classifier(self.model)
 
     def compute_loss(
         self,
@@ -75,6 +83,11 @@ class PeftlabTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if self.batch_mean_loss and "labels" in inputs and num_items_in_batch is not None:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            if self.model_accepts_loss_kwargs:  # else the Trainer divides by the accumulation steps
+                loss = loss * inputs["labels"].ne(IGNORE_INDEX).sum() / num_items_in_batch
+            return (loss, outputs) if return_outputs else loss
         if not self.chunked_loss or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = chunked_forward_loss(model, inputs, num_items_in_batch)

@@ -36,6 +36,7 @@ from peftlab.evaluation.runner import (
     record_comparison,
 )
 from peftlab.fit import must_release_memory, preflight
+from peftlab.heads import is_sequence_classifier, write_task_labels
 from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
     ModelSource,
@@ -141,7 +142,7 @@ def memory_split(model: Any, split: MemorySplit, monitor: ResourceMonitor, frame
 def choose_loss(setting: str, model: Any, task: TaskData, device: torch.device) -> str:
     """'chunked' or 'standard': auto takes the chunked loss when it equals the model's own on a
     real training example; asking for chunked where it does not agree is an error."""
-    if setting == "standard":
+    if setting == "standard" or is_sequence_classifier(model):  # a head's loss is over classes, not tokens
         return "standard"
     first = {
         k: v.to(device) if isinstance(v, torch.Tensor) else v
@@ -194,7 +195,7 @@ def train(
     tokenizer = load_tokenizer(source, cfg.model)
 
     # Data first: bad data fails before a run folder or a model exists.
-    task = build_task_data(cfg.data, tokenizer, cfg.train.seed)
+    task = build_task_data(cfg.data, tokenizer, cfg.train.seed, spec.head)
     eval_data = build_eval_inputs(cfg, tokenizer, task) if cfg.eval.enabled else None
 
     if resume_dir is not None and checkpoint is not None:
@@ -301,6 +302,8 @@ def _run(
         )
         atomic_write_json(base_file, metrics["base"])
 
+    # label names (and the batches' pad id) where a head method reads them; causal LMs ignore them
+    write_task_labels(model, task.label_names, getattr(task.collator, "pad_id", None))
     model = spec.prepare(model, cfg.method)
     counts = count_parameters(model)
     print(counts.line())

@@ -148,6 +148,20 @@ CASES: list[tuple[str, Breaker, str]] = [
     ("galore-rank-too-big", method({"name": "galore", "rank": 999}), "galore.rank=999 is larger than layer"),
     ("freeze-too-many-layers", method({"name": "freeze", "last_layers": 9}), "but the model has 2 layers"),
     (
+        "head-method-on-text-data",
+        method({"name": "classification_head"}),
+        "method classification_head needs data.kind=classification (a fixed label set); got data.kind=text",
+    ),
+    (
+        "head-method-with-chunked-loss",
+        lambda cfg, tmp: [
+            *method({"name": "classification_head"})(cfg, tmp),
+            "data.kind=classification",
+            "train.loss=chunked",
+        ],
+        "train.loss=chunked is a causal-LM token loss",
+    ),
+    (
         "block-over-model-limit",
         override("data.block_size=4096"),
         "data.block_size=4096 is over the model's limit of 256",

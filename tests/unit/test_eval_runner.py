@@ -141,6 +141,35 @@ def test_classification_predicts_the_label_with_the_higher_loglikelihood(
     assert out["accuracy"] == pytest.approx(hits / 3)
 
 
+def test_a_head_model_is_scored_by_its_class_logits_and_says_what_it_skips(
+    tiny_run_config, tiny_tokenizer, tiny_model, text_files, tmp_path
+):
+    from peftlab.heads import NO_LM_HEAD, write_task_labels
+    from peftlab.methods import get_method
+
+    cfg = config_for("classification", tiny_run_config, tmp_path, max_examples=4)
+    cfg.data.eval_path = str(text_files[1])  # held-out text too: the base scores it, the head cannot
+    inputs = inputs_for(cfg, tiny_tokenizer)
+    base = evaluate_model(tiny_model, tiny_tokenizer, cfg, inputs, "base", progress=False)
+    spec = get_method("classification_head")
+    causal = build_tiny_llama(len(tiny_tokenizer))
+    write_task_labels(causal, inputs.label_names, pad_id=tiny_tokenizer.pad_token_id)
+    assert spec.build_head is not None
+    head = spec.build_head(
+        causal, validate_config({**cfg.model_dump(), "method": {"name": spec.name}}).method
+    )
+    tuned = evaluate_model(head, tiny_tokenizer, cfg, inputs, "tuned", progress=False)
+    assert "perplexity" in base and "mean_nll" in base["general_text"]
+    assert base["classification"]["scoring"] == "label log-likelihood (sum)"
+    cls = tuned["classification"]
+    assert cls["scoring"] == "classification head (argmax of class logits)" and cls["examples"] == 4
+    assert set(cls) == set(base["classification"])  # the same metrics, defined once
+    assert "perplexity" not in tuned and tuned["general_text"] == {"skipped": NO_LM_HEAD}
+    assert tuned["skipped"] == dict.fromkeys(("held_out_text", "general_text", "sample_answers"), NO_LM_HEAD)
+    forgetting, rows = compare_sides(base, tuned, inputs)
+    assert forgetting == {"skipped": NO_LM_HEAD} and rows == []
+
+
 def test_forgetting_is_tuned_minus_base_cross_entropy_by_hand(tiny_run_config, tiny_tokenizer, tmp_path):
     cfg = config_for("text", tiny_run_config, tmp_path, window=64, stride=64, forgetting_max_tokens=40)
     inputs = inputs_for(cfg, tiny_tokenizer)

@@ -17,11 +17,12 @@ from transformers import Trainer
 
 from conftest import build_tiny_llama
 from peftlab.config import RunConfig, validate_config
+from peftlab.heads import write_task_labels
 from peftlab.methods import get_method, method_names
 from peftlab.models import ModelSource, load_model
 from peftlab.params import count_parameters
-from peftlab.trainer import PeftlabTrainer, chunked_forward_loss, chunked_loss_agrees
-from peftlab.training import training_arguments
+from peftlab.trainer import PeftlabTrainer, chunked_forward_loss, chunked_loss_agrees, output_head
+from peftlab.training import choose_loss, training_arguments
 
 CASES: list[dict[str, Any]] = [
     {"name": "full"},
@@ -35,7 +36,10 @@ CASES: list[dict[str, Any]] = [
     {"name": "ia3"},
     {"name": "prompt_tuning", "num_virtual_tokens": 4},
     {"name": "prefix_tuning", "num_virtual_tokens": 4},
+    {"name": "classification_head", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+    {"name": "classification_head", "r": 4, "head_only": True},
 ]
+LABELS = ["neg", "neutral", "pos"]  # the task of a method whose spec has a classification head
 IDS = [f"{c['name']}-{i}" for i, c in enumerate(CASES)]
 
 
@@ -50,11 +54,17 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
     return path
 
 
+def has_head(cfg: RunConfig) -> bool:
+    return get_method(cfg.method.name).head != "causal_lm"
+
+
 def run_config(method: dict[str, Any], base_dir: Path, tmp_path: Path, **train: Any) -> RunConfig:
+    head = get_method(method["name"]).head != "causal_lm"
+    task = {"kind": "classification", "label_names": LABELS} if head else {}
     return validate_config(
         {
             "model": {"name": str(base_dir), "device": "cpu", "dtype": "float32"},
-            "data": {"train_path": "unused"},
+            "data": {"train_path": "unused", **task},
             "method": method,
             "train": {"lr": 1e-2, "max_steps": 1, "batch_size": 2, "lr_scheduler": "constant", **train},
             "output": {"dir": str(tmp_path)},
@@ -65,9 +75,18 @@ def run_config(method: dict[str, Any], base_dir: Path, tmp_path: Path, **train: 
 def load_base(cfg: RunConfig, base_dir: Path) -> Any:
     spec = get_method(cfg.method.name)
     options = spec.load_options(cfg.method, torch.float32) if spec.load_options else {}
-    return load_model(
+    model = load_model(
         ModelSource(str(base_dir), "tiny"), cfg.model, torch.device("cpu"), torch.float32, options
     )
+    write_task_labels(model, cfg.data.label_names, pad_id=0)  # as the training path does (no-op for text)
+    return model
+
+
+def untrained(cfg: RunConfig, base_dir: Path) -> Any:
+    """The model a saved adapter loads onto: the base, or the spec's head model over it."""
+    spec = get_method(cfg.method.name)
+    base = load_base(cfg, base_dir)
+    return spec.build_head(base, cfg.method) if spec.build_head else base
 
 
 def prepared(cfg: RunConfig, base_dir: Path) -> torch.nn.Module:
@@ -95,10 +114,12 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module, tmp_path: Path) -> to
     return trainer.create_optimizer()
 
 
-def batch() -> dict[str, torch.Tensor]:
+def batch(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Two rows of 16 tokens; labels are the tokens, or class indices [B] for a head model."""
     torch.manual_seed(0)
-    ids = torch.randint(3, 300, (2, 16))
-    return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    ids = torch.randint(3, 300, (2, 16))  # no pad id (0): a head reads the last position
+    labels = torch.tensor([0, 2]) if has_head(cfg) else ids
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
 
 
 @pytest.mark.parametrize("method", CASES, ids=IDS)
@@ -123,7 +144,7 @@ def test_one_step_changes_every_trainable_tensor_and_no_frozen_one(method, base_
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = make_optimizer(cfg, model, tmp_path)
-    model(**batch()).loss.backward()
+    model(**batch(cfg)).loss.backward()
     optimizer.step()
     for name, param in model.named_parameters():
         same = torch.equal(param.detach(), before[name])
@@ -141,7 +162,7 @@ def test_loss_is_finite_and_goes_down_on_a_repeated_batch(method, base_dir, tmp_
     optimizer = make_optimizer(cfg, model, tmp_path)
     losses = []
     for _ in range(6):
-        loss = model(**batch()).loss
+        loss = model(**batch(cfg)).loss
         assert torch.isfinite(loss)
         losses.append(loss.item())
         loss.backward()
@@ -155,13 +176,13 @@ def test_save_then_load_gives_identical_logits(method, base_dir, tmp_path):
     cfg = run_config(method, base_dir, tmp_path)
     spec = get_method(cfg.method.name)
     model = prepared(cfg, base_dir).eval()
-    ids = batch()["input_ids"]
+    ids = batch(cfg)["input_ids"]
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-        base_logits = load_base(cfg, base_dir).eval()(input_ids=ids).logits
+        base_logits = untrained(cfg, base_dir).eval()(input_ids=ids).logits
     model.save_pretrained(tmp_path / spec.artifact)
     if isinstance(model, PeftModel):
-        reloaded = PeftModel.from_pretrained(load_base(cfg, base_dir), tmp_path / spec.artifact).eval()
+        reloaded = PeftModel.from_pretrained(untrained(cfg, base_dir), tmp_path / spec.artifact).eval()
     else:
         reloaded = load_model(
             ModelSource(str(tmp_path / spec.artifact), "saved"), cfg.model, torch.device("cpu"), torch.float32
@@ -179,8 +200,12 @@ def test_save_then_load_gives_identical_logits(method, base_dir, tmp_path):
 def test_chunked_loss_equals_the_models_own_loss_and_gradients(method, base_dir, tmp_path):
     cfg = run_config(method, base_dir, tmp_path)
     model = prepared(cfg, base_dir)
+    if has_head(cfg):  # class logits, no LM head: the token loss never applies, nor is it checked
+        assert output_head(model) is None and chunked_loss_agrees(model, batch(cfg))[0] is False
+        assert choose_loss("auto", model, None, torch.device("cpu")) == "standard"  # type: ignore[arg-type]
+        return
     model.train()
-    inputs = batch()
+    inputs = batch(cfg)
     inputs["labels"] = inputs["labels"].clone()
     inputs["labels"][0, :6] = -100  # a prompt without loss
     assert chunked_loss_agrees(model, inputs) == (True, "")
@@ -217,30 +242,39 @@ class GradientCapture:
         raise AttributeError(name)
 
 
+LORA = {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}
+
+
 def accumulated_gradients(
-    base_dir: Path, tmp_path: Path, batch_size: int, accumulation: int, chunked: bool = False
+    base_dir: Path,
+    tmp_path: Path,
+    batch_size: int,
+    accumulation: int,
+    chunked: bool = False,
+    method: dict[str, Any] = LORA,
 ) -> dict[str, torch.Tensor]:
+    from peftlab.data.classes import ClassCollator, ClassDataset
     from peftlab.data.packing import BlockDataset, group_per_document
 
     # Documents of very different lengths: per-micro-batch loss averaging would weight them wrongly.
     docs = [list(range(3, 3 + n)) for n in (15, 3, 9, 6)]
-    blocks = group_per_document(docs, block_size=16, eos_id=2, pad_id=0)
     cfg = run_config(
-        {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
-        base_dir,
-        tmp_path,
-        batch_size=batch_size,
-        grad_accum_steps=accumulation,
-        max_grad_norm=0,
+        method, base_dir, tmp_path, batch_size=batch_size, grad_accum_steps=accumulation, max_grad_norm=0
     )
+    if has_head(cfg):  # one class index per document, right-padded batches (as data/classes.py builds)
+        dataset: Any = ClassDataset([(doc, label) for doc, label in zip(docs, [0, 2, 1, 2], strict=True)])
+        collator: Any = ClassCollator(pad_id=0)
+    else:
+        dataset, collator = BlockDataset(group_per_document(docs, block_size=16, eos_id=2, pad_id=0)), None
     model = prepared(cfg, base_dir)
     capture = GradientCapture()
     trainer = PeftlabTrainer(
         model=model,
         args=training_arguments(
-            cfg, get_method("lora"), tmp_path, torch.device("cpu"), torch.float32, progress=False
+            cfg, get_method(cfg.method.name), tmp_path, torch.device("cpu"), torch.float32, progress=False
         ),
-        train_dataset=BlockDataset(blocks),
+        train_dataset=dataset,
+        data_collator=collator,
         callbacks=[capture],  # type: ignore[list-item]
         chunked_loss=chunked,
     )
@@ -248,17 +282,25 @@ def accumulated_gradients(
     return capture.grads
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["model-loss", "chunked-loss"])
-def test_gradient_accumulation_is_exact(base_dir, tmp_path, chunked):
+HEAD = {"name": "classification_head", "r": 4, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.mark.parametrize(
+    ("chunked", "method"),
+    [(False, LORA), (True, LORA), (False, HEAD)],
+    ids=["model-loss", "chunked-loss", "classification-head"],
+)
+def test_gradient_accumulation_is_exact(base_dir, tmp_path, chunked, method):
     """4 micro-batches of 1 give the gradients of 1 batch of 4 with the same tokens: the loss is
-    normalised by the real target tokens across the accumulated micro-batches."""
-    one_big = accumulated_gradients(base_dir, tmp_path / "a", batch_size=4, accumulation=1, chunked=chunked)
-    four_small = accumulated_gradients(
-        base_dir, tmp_path / "b", batch_size=1, accumulation=4, chunked=chunked
-    )
+    normalised by the real target tokens (a head: the examples) across the accumulated micro-batches."""
+    one_big = accumulated_gradients(base_dir, tmp_path / "a", 4, 1, chunked, method)
+    four_small = accumulated_gradients(base_dir, tmp_path / "b", 1, 4, chunked, method)
     assert one_big.keys() == four_small.keys() and one_big
+    # A head's batch of 4 is right-padded (the blocks are all 16 long): attention runs on other
+    # shapes, which moves float rounding (~2e-7); a per-micro-batch mean would be off by 4x.
+    atol = 1e-6 if method is HEAD else 1e-7
     for name, grad in one_big.items():
-        torch.testing.assert_close(four_small[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(four_small[name], grad, rtol=1e-5, atol=atol, msg=name)
 
 
 def test_llama_3_2_1b_lora_count_on_the_meta_device():

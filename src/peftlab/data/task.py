@@ -5,7 +5,9 @@ load -> normalise -> split test (by group) -> sample -> split validation (by gro
 -> pack. The validation set is tokenised and packed like train (it gives the in-training eval_loss);
 the held-out normalised test records and the counts travel along for evaluation and the manifest.
 Raw text takes its validation blocks from data.validation_path, else from the end of the training
-blocks. Tokenised examples are cached, keyed by data, tokenizer and settings.
+blocks. Tokenised examples are cached, keyed by data, tokenizer and settings. For a method whose spec
+has a classification head, classification records become (prompt ids, class index) rows instead
+(data/classes.py: one example a row, right-padded, not cached).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from peftlab.config import DataConfig
+from peftlab.data.classes import ClassCollator, ClassDataset, padding_bound, tokenize_classes
 from peftlab.data.formats import normalise
 from peftlab.data.lm import build_blocks, build_train_blocks
 from peftlab.data.loading import load_raw
@@ -173,7 +176,48 @@ def _split(
     return train, validation, test, source
 
 
-def build_task_data(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> TaskData:
+def _class_task(
+    cfg: DataConfig,
+    tokenizer: Any,
+    parts: tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]],
+    label_names: list[str],
+    counts: Counter[str],
+    source: str,
+) -> TaskData:
+    """(prompt ids, class index) rows for a sequence-classification head (data/classes.py)."""
+    train, validation, test = parts
+    examples = tokenize_classes(train, label_names, cfg, tokenizer, counts)
+    if not examples:
+        raise DataError(
+            f"{cfg.train_path}: no training example is left after splitting, dedupe and length limits"
+        )
+    val_counts: Counter[str] = Counter()
+    val_examples = tokenize_classes(validation, label_names, cfg, tokenizer, val_counts)
+    stats = {
+        "kind": cfg.kind,
+        "head": "sequence_classification",
+        "train_records": len(train),
+        "validation_records": len(validation),
+        "test_records": len(test),
+        "validation_source": source,
+        "train_examples": len(examples),
+        "validation_examples": len(val_examples),
+        "train_blocks": len(examples),  # one example a row: never packed
+        "validation_blocks": len(val_examples),
+        "train_real_tokens": sum(len(ids) for ids, _ in examples),
+        "padding_waste_bound": padding_bound(examples),
+        "packing": False,
+        "label_names": label_names,
+        **dict(counts),
+        **{f"validation_{k}": v for k, v in val_counts.items()},
+    }
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    validation_set = ClassDataset(val_examples) if val_examples else None
+    return TaskData(ClassDataset(examples), ClassCollator(pad_id), test, label_names, stats, validation_set)
+
+
+def build_task_data(cfg: DataConfig, tokenizer: Any, seed: int = 42, head: str = "causal_lm") -> TaskData:
+    """`head`: the MethodSpec's head; sequence_classification gives (prompt, class index) rows."""
     if (
         cfg.kind == "text"
         and cfg.file_format in {"auto", "text"}
@@ -189,6 +233,8 @@ def build_task_data(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> TaskData
     label_names = cfg.label_names
     if cfg.kind == "classification" and label_names is None:
         label_names = sorted({r["label"] for r in (*train, *validation, *test)})
+    if head == "sequence_classification" and label_names is not None:
+        return _class_task(cfg, tokenizer, (train, validation, test), label_names, counts, source)
     examples = tokenize_all(train, cfg, tokenizer, counts)
     if not examples:
         raise DataError(

@@ -1,8 +1,10 @@
-"""Classification by label log-likelihood: works for any causal LM, no new head.
+"""Classification by label log-likelihood (any causal LM, no new head) or by a trained head.
 
-For each example the score of a label is the sum of the log-probabilities of the label's completion
-tokens given the prompt (optionally divided by their count); the prediction is the best label.
-Prompts and completions come from the caller (the data layer builds prompts).
+For a causal LM the score of a label is the sum of the log-probabilities of the label's completion
+tokens given the prompt (optionally divided by their count); the prediction is the best label. A
+sequence classifier (methods/classification_head.py) predicts the argmax of its class logits.
+Both feed the same `classification_metrics`. Prompts and completions come from the caller (the
+data layer builds prompts).
 """
 
 from __future__ import annotations
@@ -53,6 +55,38 @@ def label_loglikelihoods(
             out[n, k] = score / len(comp) if length_normalise else score
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def head_predictions(
+    model: torch.nn.Module, tokenizer: Any, prompts: list[str], labels: list[str], batch_size: int = 8
+) -> list[int]:
+    """Class index per prompt from a sequence classifier: the argmax of its class logits, one
+    forward per example (batched, right padding with the model's pad id, by which it finds each
+    row's last real token). The head's labels must be `labels`, in order."""
+    from peftlab.heads import unwrapped
+
+    config = unwrapped(model).config
+    head_labels = [config.id2label[i] for i in range(config.num_labels)]
+    if head_labels != labels:
+        raise ValueError(f"the classification head's labels {head_labels} are not the task's {labels}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    predicted: list[int] = []
+    for i in range(0, len(prompt_ids), batch_size):
+        rows = prompt_ids[i : i + batch_size]
+        width = max(len(r) for r in rows)
+        inputs = torch.full((len(rows), width), config.pad_token_id, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, ids in enumerate(rows):
+            inputs[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits  # [B, K]
+        predicted += logits.argmax(dim=-1).tolist()
+    model.train(was_training)
+    return predicted
 
 
 def classification_metrics(gold: list[str], predicted: list[str], labels: list[str]) -> dict[str, Any]:

@@ -5,15 +5,17 @@ references) once; `evaluate_model` scores one model on them, base and tuned alik
 
 - held-out text (data.eval_path; required for kind text): token perplexity, token accuracy, word and
   byte perplexity, bits per byte (suite.evaluate_lm), at the top level of the result;
-- kind classification: each label's completion log-likelihood -> accuracy, macro-F1, per-class
-  precision/recall, confusion matrix, under "classification";
+- kind classification: each label's completion log-likelihood (a model with a classification head:
+  the argmax of its class logits) -> accuracy, macro-F1, per-class precision/recall, confusion
+  matrix, under "classification";
 - kind chat: greedy answers from the chat template's generation prompt (batched, left padding) ->
   BLEU-4, ROUGE-L, plus the loss and perplexity of the reference answers, under "generation";
 - every kind: cross-entropy on a general text under "general_text" (forgetting = tuned - base) and
   the greedy answers to eval.sample_prompts under "sample_answers".
 
 `evaluate_base` caches the base result in $PEFTLAB_CACHE/evals/<key>.json, key = hash(model identity,
-evaluation inputs, evaluation settings). Nothing here looks at the fine-tuning method.
+evaluation inputs, evaluation settings). Nothing here looks at the fine-tuning method (a head model
+is recognised by the model itself: heads.is_sequence_classifier).
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ from peftlab.data.templates import (
 )
 from peftlab.data.text import load_documents
 from peftlab.errors import DataError
-from peftlab.evaluation.classification import classification_metrics, label_loglikelihoods
+from peftlab.evaluation.classification import classification_metrics, head_predictions, label_loglikelihoods
 from peftlab.evaluation.compare import forgetting, write_samples
 from peftlab.evaluation.generation import answer_loss, generate_greedy
 from peftlab.evaluation.perplexity import LMScores, score_tokens
 from peftlab.evaluation.suite import EvalData, evaluate_lm
+from peftlab.heads import NO_LM_HEAD, is_sequence_classifier
 from peftlab.models import cache_dir
 from peftlab.runs import atomic_write_json, now_iso
 
@@ -212,21 +215,25 @@ def evaluate_classification(
     model: Any, tokenizer: Any, cfg: EvalConfig, inputs: EvalInputs
 ) -> dict[str, Any]:
     labels = inputs.label_names
-    scores = label_loglikelihoods(
-        model,
-        tokenizer,
-        inputs.class_prompts,
-        [label_completion(label) for label in labels],
-        batch_size=cfg.batch_size,
-        length_normalise=cfg.length_normalise,
-    )  # [N, K]
-    predicted = [labels[i] for i in scores.argmax(dim=1).tolist()]
+    if is_sequence_classifier(model):  # one forward per example instead of one per label
+        indices = head_predictions(model, tokenizer, inputs.class_prompts, labels, cfg.batch_size)
+        scoring = "classification head (argmax of class logits)"
+    else:
+        scores = label_loglikelihoods(
+            model,
+            tokenizer,
+            inputs.class_prompts,
+            [label_completion(label) for label in labels],
+            batch_size=cfg.batch_size,
+            length_normalise=cfg.length_normalise,
+        )  # [N, K]
+        indices = scores.argmax(dim=1).tolist()
+        scoring = "mean label-token log-likelihood" if cfg.length_normalise else "label log-likelihood (sum)"
+    predicted = [labels[i] for i in indices]
     return {
         **classification_metrics(inputs.class_gold, predicted, labels),
         "examples": len(predicted),
-        "scoring": "mean label-token log-likelihood"
-        if cfg.length_normalise
-        else "label log-likelihood (sum)",
+        "scoring": scoring,
     }
 
 
@@ -256,6 +263,18 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Score one model ("base" or "tuned": only a label for progress bars) on the fixed inputs."""
     out: dict[str, Any] = {"kind": cfg.data.kind}
+    if is_sequence_classifier(model):  # class logits only: no text to score or write, said so
+        parts = {
+            "held_out_text": inputs.lm,
+            "general_text": inputs.general,
+            "sample_answers": inputs.sample_ids,
+        }
+        out["skipped"] = {name: NO_LM_HEAD for name, present in parts.items() if present}
+        if inputs.general is not None:
+            out["general_text"] = {"skipped": NO_LM_HEAD}
+        if cfg.data.kind == "classification":
+            out["classification"] = evaluate_classification(model, tokenizer, cfg.eval, inputs)
+        return out
     if inputs.lm is not None:
         out.update(evaluate_lm(model, tokenizer, inputs.lm, cfg.eval, which, progress))
     if cfg.data.kind == "classification":
@@ -350,11 +369,12 @@ def compare_sides(
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Forgetting (tuned minus base cross-entropy on the general text, or why it was skipped) and
     the side-by-side sample rows; the sample answers are taken out of both results."""
-    b, t = base.get("general_text"), tuned.get("general_text")
-    if b and t:
+    b, t = base.get("general_text") or {}, tuned.get("general_text") or {}
+    if b and t and "skipped" not in b and "skipped" not in t:
         result: dict[str, Any] = {**forgetting(_lm_scores(b), _lm_scores(t)), "source": b["source"]}
-    else:
-        result = {"skipped": inputs.general_skipped or "no general-text score on both sides"}
+    else:  # no general text at all, or a side that cannot score it (a classification head)
+        why = inputs.general_skipped or t.get("skipped") or b.get("skipped")
+        result = {"skipped": why or "no general-text score on both sides"}
     base_answers, tuned_answers = base.pop("sample_answers", []), tuned.pop("sample_answers", [])
     rows = [
         {"prompt": p, "base": a, "tuned": c}

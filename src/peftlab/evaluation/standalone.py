@@ -2,7 +2,8 @@
 
 Both load what training loads (same config, same data split, same evaluation inputs) and score with
 evaluation/runner.py, so a re-evaluated run reproduces the tuned metrics of its metrics.json. Weights
-load from safetensors only: the run's adapter/ (peft) over the base, or its model/ folder.
+load from safetensors only: the run's adapter/ (peft) over the base (over the method's head model
+when its spec has one), or its model/ folder.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from peftlab.evaluation.runner import (
     evaluate_model,
     model_identity,
 )
+from peftlab.heads import write_task_labels
 from peftlab.methods import get_method
 from peftlab.models import (
     ModelSource,
@@ -75,13 +77,17 @@ def evaluate_run(
     dtype = pick_dtype(cfg.model.dtype, device)
     source = resolve_source(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
-    inputs = build_eval_inputs(cfg, tokenizer, build_task_data(cfg.data, tokenizer, cfg.train.seed))
+    task = build_task_data(cfg.data, tokenizer, cfg.train.seed, spec.head)
+    inputs = build_eval_inputs(cfg, tokenizer, task)
     load_options = spec.load_options(cfg.method, dtype) if spec.load_options else {}
 
     model: Any = load_model(source, cfg.model, device, dtype, load_options)
     check_lengths(model.config, {"eval.window": cfg.eval.window})
     identity = model_identity(model_fingerprint(source), cfg, device, dtype, load_options)
     base, cached = evaluate_base(model, tokenizer, cfg, inputs, identity, progress)
+    if spec.build_head is not None:  # the head model the adapter (with its trained head) sits on
+        write_task_labels(model, task.label_names, getattr(task.collator, "pad_id", None))
+        model = spec.build_head(model, cfg.method)
     if spec.artifact == "adapter":
         from peft import PeftModel
 

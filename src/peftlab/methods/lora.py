@@ -39,7 +39,7 @@ class LoraConfig(TargetedConfig):
     )
 
 
-def peft_lora_config(cfg: LoraConfig, use_dora: bool = False) -> PeftLoraConfig:
+def peft_lora_config(cfg: LoraConfig, use_dora: bool = False, task_type: str = "CAUSAL_LM") -> PeftLoraConfig:
     init: Any = True if cfg.init == "default" else cfg.init
     return PeftLoraConfig(
         r=cfg.r,
@@ -50,7 +50,7 @@ def peft_lora_config(cfg: LoraConfig, use_dora: bool = False) -> PeftLoraConfig:
         use_rslora=cfg.rslora,
         init_lora_weights=init,
         use_dora=use_dora,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from peftlab.errors import ConfigError
 
@@ -22,6 +22,8 @@ PrepareFn = Callable[["PreTrainedModel", Any], "torch.nn.Module"]
 OptimizerFn = Callable[["torch.nn.Module", Any, "TrainConfig"], "torch.optim.Optimizer | None"]
 LoadOptionsFn = Callable[[Any, "torch.dtype"], dict[str, Any]]
 TrainerOptionsFn = Callable[[Any], dict[str, Any]]
+HeadFn = Callable[["PreTrainedModel", Any], "PreTrainedModel"]
+Head = Literal["causal_lm", "sequence_classification"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,13 @@ class MethodSpec:
     own optimizer integrations instead of re-implementing them."""
     artifact: str = "adapter"
     """Name of the folder the trained weights are saved to: 'adapter' or 'model'."""
+    head: Head = "causal_lm"
+    """What the prepared model outputs: next-token logits, or class logits over data.label_names
+    (then the data are (prompt, class index) rows and evaluation argmaxes the class logits)."""
+    build_head: HeadFn | None = None
+    """For a head other than causal_lm: turns the loaded causal LM into the head model that shares
+    its body, before any adapter; `prepare` calls it, and `peftlab eval` calls it before loading
+    the saved adapter (which holds the trained head too)."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -51,6 +60,8 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     """Add a method; a second method with the same name is a programming error."""
     if spec.name in _REGISTRY:
         raise ValueError(f"method {spec.name!r} is already registered")
+    if spec.head != "causal_lm" and spec.build_head is None:
+        raise ValueError(f"method {spec.name!r} has head {spec.head!r} but no build_head")
     if spec.config_cls.model_fields["name"].annotation is str:
         raise ValueError(f"{spec.config_cls.__name__}.name must be Literal[{spec.name!r}]")
     _REGISTRY[spec.name] = spec
