@@ -50,19 +50,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = hidden[start : start + chunk_rows]  # (c, H)
             target = targets[start : start + chunk_rows]  # (c,)
-            logits = (rows @ weight.T).float()  # (c, V): the stock loss also upcasts to fp32
-            log_norm = torch.logsumexp(logits, dim=-1)  # (c,)
-            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            # Logits transposed, (V, c): MKL runs weight @ rows.T at ~1.4x the speed of rows @ weight.T
+            # for this shape (c << V, H small; measured on SmolLM2's 49,152 x 576 head, fp32 CPU).
+            logits_t = (weight @ rows.T).float()  # (V, c): the stock loss also upcasts to fp32
+            cols = torch.arange(len(target), device=logits_t.device)
+            picked = logits_t[target, cols]  # (c,) logit of each row's target
+            # Softmax in place (max, subtract, exp, sum): no full-size temporaries, one exp pass
+            # (torch.logsumexp allocates two and the softmax would need a second exp).
+            row_max = logits_t.amax(dim=0)  # (c,)
+            exp_t = logits_t.sub_(row_max).exp_()  # (V, c)
+            norm = exp_t.sum(dim=0)  # (c,)
+            total += (norm.log() + row_max - picked).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d(sum of NLL)/d logits = softmax - one_hot(target), computed in place in `logits`.
-            probs = logits.sub_(log_norm[:, None]).exp_()
-            probs[torch.arange(len(target), device=probs.device), target] -= 1.0
-            grad_logits = probs.to(hidden.dtype)  # (c, V)
+            # d(sum of NLL)/d logits = softmax - one_hot(target), computed in place.
+            probs_t = exp_t.div_(norm)
+            probs_t[target, cols] -= 1.0
+            grad_logits_t = probs_t.to(hidden.dtype)  # (V, c)
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk_rows] = grad_logits @ weight
+                grad_hidden[start : start + chunk_rows] = grad_logits_t.T @ weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.T @ rows).float()
+                grad_weight += (grad_logits_t @ rows).float()
         ctx.save_for_backward(
             grad_hidden if grad_hidden is not None else torch.empty(0),
             grad_weight if grad_weight is not None else torch.empty(0),
