@@ -1,0 +1,35 @@
+"""peftlab turns on PyTorch's transparent-huge-page CPU allocation when imported before torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROBE = (
+    "import peftlab, torch\n"
+    "ptrs = [torch.empty(3 << 20, dtype=torch.uint8).data_ptr() for _ in range(8)]\n"
+    "print(sum(p % 4096 == 0 for p in ptrs))\n"
+)
+
+
+def _page_aligned_buffers() -> int:
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="THP allocation is Linux-only in c10")
+def test_import_enables_huge_page_allocation_for_large_tensors():
+    # With THP allocation c10 page-aligns (and madvises) every buffer of 2 MiB or more; its default
+    # alignment is 64 bytes (THP_MEM_ALLOC_ENABLE=0 gives 0 of 8 page-aligned buffers here).
+    assert _page_aligned_buffers() == 8
+
+
+def test_a_user_setting_is_kept():
+    code = "import os, peftlab; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
