@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
 TEST_TEXT = TRAIN_TEXT.with_name("wiki.test.raw")
 BLOCK, BATCH, SEED = 512, 4, 0
+# The plain script runs with PyTorch's default CPU allocator, as a user's script would; peftlab
+# turns on transparent-huge-page allocation when imported (peftlab/__init__.py).
+PLAIN_ENV = {"THP_MEM_ALLOC_ENABLE": "0"}
 CASES = {
     "full": {"name": "full"},
     "full-8bit": {"name": "full", "optimizer": "adamw_8bit"},
@@ -159,8 +163,10 @@ def run_case(
     script: Path | None = None,
     eval_tokens: int = 0,
     release_memory: bool = False,
+    env: dict[str, str] | None = None,
 ) -> dict | None:
-    """One case in a fresh subprocess (so its peak RSS is its own); None when it failed."""
+    """One case in a fresh subprocess (so its peak RSS is its own), with `env` added to its
+    environment; None when it failed."""
     extra = ["--eval-tokens", str(eval_tokens)] if eval_tokens else []
     extra += ["--release-memory"] if release_memory else []
     command = [sys.executable, str(script or __file__), "--one", case, "--steps", str(steps)]
@@ -169,6 +175,7 @@ def run_case(
         capture_output=True,
         text=True,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
@@ -212,7 +219,12 @@ def main() -> None:
     rows = []
     for case in ([] if args.no_baseline else ["baseline"]) + args.methods:
         result = run_case(
-            case, args.steps, out_dir, eval_tokens=args.eval_tokens, release_memory=args.release_memory
+            case,
+            args.steps,
+            out_dir,
+            eval_tokens=args.eval_tokens,
+            release_memory=args.release_memory,
+            env=PLAIN_ENV if case == "baseline" else None,
         )
         if result is None:
             continue

@@ -6,7 +6,9 @@ subprocess (so its peak RSS is its own):
 - peftlab: `peftlab train` with the same data, method and settings (chunked loss; release_memory
   auto, which keeps glibc's default malloc where RAM is plentiful), and again with
   train.release_memory=true (freed memory returned at once: lower peak RSS, page-fault cost);
-- naive: one wikitext line per example, padded to 512 (the recipe many tutorials use).
+- naive: one wikitext line per example, padded to 512 (the recipe many tutorials use);
+- plain_thp: the plain script with THP_MEM_ALLOC_ENABLE=1, the huge-page CPU allocation peftlab
+  turns on at import (plain and naive run with PyTorch's default, as users' scripts do).
 Tokens/s counts real (non-pad) tokens. Model FLOPs utilisation is against this CPU's fp32
 torch.mm peak measured in the same run, with FLOPs per token from peftlab's estimator.
 Goals: peftlab >= 1.15x plain tokens/s, <= 0.6x plain peak RSS, >= 5x naive tokens/s.
@@ -24,7 +26,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from methods import BATCH, BLOCK, ROOT, TRAIN_TEXT, plain_lora_trainer, run_baseline, run_case, run_peftlab
+from methods import (
+    BATCH,
+    BLOCK,
+    PLAIN_ENV,
+    ROOT,
+    TRAIN_TEXT,
+    plain_lora_trainer,
+    run_baseline,
+    run_case,
+    run_peftlab,
+)
 
 
 def run_naive(steps: int, out_dir: Path) -> dict:
@@ -87,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     out_dir = Path(args.out)
     if args.one:
-        runners = {"plain": run_baseline, "naive": run_naive, "lora": run_peftlab}
+        runners = {"plain": run_baseline, "plain_thp": run_baseline, "naive": run_naive, "lora": run_peftlab}
         if args.one == "lora":
             result = run_peftlab("lora", args.steps, out_dir / "runs")
         elif args.one == "lora_release":  # freed memory back to the system: lower peak RSS, slower
@@ -95,6 +107,8 @@ def main() -> None:
             result["case"] = "lora, train.release_memory=true"
         else:
             result = runners[args.one](args.steps, out_dir / "runs")
+            if args.one == "plain_thp":
+                result["case"] += ", THP_MEM_ALLOC_ENABLE=1"
         print("RESULT " + json.dumps(result))
         return
     from peftlab.fit import measured_cpu_flops
@@ -103,8 +117,11 @@ def main() -> None:
     fpt = lora_flops_per_token()
     print(f"CPU fp32 torch.mm peak: {peak / 1e9:.1f} GFLOP/s; LoRA training FLOPs/token: {fpt / 1e9:.3f} G")
     rows = {}
-    for case in ["plain", "lora", "lora_release", "naive"]:
-        r = run_case(case, args.steps, out_dir, Path(__file__))
+    # plain and naive run with PyTorch's default allocator, as users' scripts do; plain_thp is the
+    # plain script given the huge-page allocation peftlab turns on, to show what that part is worth.
+    envs = {"plain": PLAIN_ENV, "naive": PLAIN_ENV, "plain_thp": {"THP_MEM_ALLOC_ENABLE": "1"}}
+    for case in ["plain", "plain_thp", "lora", "lora_release", "naive"]:
+        r = run_case(case, args.steps, out_dir, Path(__file__), env=envs.get(case))
         if r is None:
             continue
         r["mfu"] = r["tokens_per_second"] * fpt / peak
@@ -115,14 +132,15 @@ def main() -> None:
             flush=True,
         )
     summary: dict = {"steps": args.steps, "cpu_peak_flops": peak, "flops_per_token": fpt, "rows": rows}
-    for case, key, label in [
-        ("lora", "peftlab_vs_plain", "peftlab (release_memory=auto)"),
-        ("lora_release", "peftlab_release_vs_plain", "peftlab (release_memory=true)"),
+    for case, base, key, label in [
+        ("lora", "plain", "peftlab_vs_plain", "peftlab (release_memory=auto)"),
+        ("lora_release", "plain", "peftlab_release_vs_plain", "peftlab (release_memory=true)"),
+        ("lora", "plain_thp", "peftlab_vs_plain_thp", "peftlab (release_memory=auto) / plain+THP"),
     ]:
-        if {"plain", case} <= rows.keys():
-            summary[key] = versus(rows[case], rows["plain"])
+        if {base, case} <= rows.keys():
+            summary[key] = versus(rows[case], rows[base])
             print(
-                f"{label} / plain packed: {summary[key]['tokens_per_second_ratio']:.2f}x tokens/s (goal >= 1.15), "
+                f"{label} / {base}: {summary[key]['tokens_per_second_ratio']:.2f}x tokens/s (goal >= 1.15), "
                 f"{summary[key]['peak_rss_ratio']:.2f}x peak RSS (goal <= 0.60)"
             )
     if {"naive", "lora"} <= rows.keys():
