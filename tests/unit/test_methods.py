@@ -119,3 +119,32 @@ def test_full_8bit_adamw_and_galore_use_transformers_optimizers():
     options = get_method("galore").trainer_options(cfg_for({"name": "galore", "rank": 8, "layerwise": True}))
     assert options["optim"] == "galore_adamw_layerwise"
     assert options["optim_args"] == "rank=8,update_proj_gap=200,scale=0.25,proj_type=std"
+
+
+def test_prefix_tuning_starts_as_the_base_model_reading_the_prefill_tokens(tiny_model):
+    """init=model: the prefix is the base model's own keys/values over fixed ids, so the prefix-tuned
+    model's logits on x equal the base model's logits on (ids + x) at x's positions."""
+    from peftlab.methods.prompt_tuning import prefill_ids
+
+    model = get_method("prefix_tuning").prepare(
+        tiny_model, cfg_for({"name": "prefix_tuning", "num_virtual_tokens": 4})
+    )
+    model.eval()
+    torch.manual_seed(0)
+    x = torch.randint(3, tiny_model.config.vocab_size, (2, 10))
+    ids = prefill_ids(tiny_model.config, 4).expand(2, -1)
+    with torch.no_grad():
+        tuned = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        with model.disable_adapter():
+            reading = model(input_ids=torch.cat([ids, x], dim=1)).logits[:, 4:]
+            plain = model(input_ids=x).logits
+    torch.testing.assert_close(tuned, reading, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(tuned, plain, atol=1e-3)  # the prefix does change the output
+
+
+def test_prefix_tuning_random_init_is_peft_default(tiny_model):
+    model = get_method("prefix_tuning").prepare(
+        tiny_model, cfg_for({"name": "prefix_tuning", "num_virtual_tokens": 4, "init": "random"})
+    )
+    weight = model.prompt_encoder["default"].embedding.weight
+    assert 0.8 < float(weight.std()) < 1.2  # peft's nn.Embedding N(0, 1), not the model's scale
