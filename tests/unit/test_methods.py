@@ -85,6 +85,7 @@ def test_full_trains_everything(tiny_model):
             {"name": "prompt_tuning", "num_virtual_tokens": 0},
             "method.num_virtual_tokens: Input should be greater than 0",
         ),
+        ({"name": "qlora", "init": "loftq"}, "for LoftQ use method lora with init=loftq"),
     ],
 )
 def test_bad_method_settings_fail_in_the_config(method, message):
@@ -148,3 +149,23 @@ def test_prefix_tuning_random_init_is_peft_default(tiny_model):
     )
     weight = model.prompt_encoder["default"].embedding.weight
     assert 0.8 < float(weight.std()) < 1.2  # peft's nn.Embedding N(0, 1), not the model's scale
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_data_dependent_inits_dry_run_on_meta_with_the_real_counts(tiny_model, init):
+    """The estimate prepares the method on a meta model (no weights): pissa/olora, which compute the
+    adapters from the weights, fall back to the default init there with identical shapes."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = cfg_for({"name": "lora", "r": 4, "init": init})
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(tiny_model.config)
+    on_meta = count_parameters(get_method("lora").prepare(meta, cfg))
+    real = count_parameters(get_method("lora").prepare(tiny_model, cfg))
+    assert (on_meta.trainable, on_meta.total) == (real.trainable, real.total)
+
+
+def test_loftq_without_cuda_fails_with_one_clear_line(tiny_model, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MethodError, match="init=loftq needs a CUDA GPU"):
+        get_method("lora").prepare(tiny_model, cfg_for({"name": "lora", "init": "loftq"}))

@@ -8,10 +8,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from peft import LoftQConfig
 from peft import LoraConfig as PeftLoraConfig
 from pydantic import Field
 
 from peftlab.config import TrainConfig
+from peftlab.errors import MethodError
 from peftlab.methods.peft_common import TargetedConfig, check_targets, linear_module_names, wrap
 from peftlab.methods.registry import MethodSpec, register_method
 
@@ -29,8 +31,10 @@ class LoraConfig(TargetedConfig):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     bias: Literal["none", "all", "lora_only"] = "none"
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
-    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
-        "default", description="Adapter initialisation (peft's init_lora_weights)."
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default",
+        description="Adapter initialisation (peft's init_lora_weights). loftq needs a CUDA GPU "
+        "(peft computes it there) and bitsandbytes.",
     )
     lora_plus_ratio: float | None = Field(
         None,
@@ -41,7 +45,16 @@ class LoraConfig(TargetedConfig):
 
 def peft_lora_config(cfg: LoraConfig, use_dora: bool = False, task_type: str = "CAUSAL_LM") -> PeftLoraConfig:
     init: Any = True if cfg.init == "default" else cfg.init
+    loftq: dict[str, Any] = {}
+    if cfg.init == "loftq":
+        if not torch.cuda.is_available():  # peft's loftq_init moves every weight to cuda
+            raise MethodError(
+                "method.init=loftq needs a CUDA GPU (peft computes LoftQ there); on this machine use "
+                "init=default, gaussian, pissa or olora"
+            )
+        loftq = {"loftq_config": LoftQConfig(loftq_bits=4, loftq_iter=1)}  # peft's defaults, 4-bit nf4
     return PeftLoraConfig(
+        **loftq,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -58,7 +59,15 @@ def check_targets(model: torch.nn.Module, targets: list[str] | str) -> None:
         raise MethodError(f"target_modules {missing} match no module; linear modules: {available}")
 
 
+def on_meta(model: torch.nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
 def wrap(model: torch.nn.Module, peft_config: Any, targets: list[str] | str | None = None) -> torch.nn.Module:
     if targets is not None:
         check_targets(model, targets)
+    if on_meta(model) and getattr(peft_config, "init_lora_weights", True) not in (True, False, "gaussian"):
+        # pissa / olora / loftq compute the adapters from the base weights, which a meta model (the
+        # memory estimate's dry run) does not have; the default init gives the same shapes and counts.
+        peft_config = dataclasses.replace(peft_config, init_lora_weights=True, loftq_config={})
     return get_peft_model(model, peft_config)

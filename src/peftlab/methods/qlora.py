@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 from peft import prepare_model_for_kbit_training
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from peftlab.errors import MethodError
 from peftlab.methods.lora import LoraConfig, lora_plus_optimizer, peft_lora_config
@@ -34,6 +34,12 @@ class QLoraConfig(LoraConfig):
     gradient_checkpointing: bool = Field(
         False, description="peft's k-bit preparation with gradient checkpointing (saves activation memory)."
     )
+
+    @model_validator(mode="after")
+    def _loftq_needs_a_full_precision_base(self) -> QLoraConfig:
+        if self.init == "loftq":  # LoftQ quantises the base itself and fits the adapters to the error
+            raise ValueError("qlora loads an already 4-bit base; for LoftQ use method lora with init=loftq")
+        return self
 
 
 def require_bitsandbytes() -> None:
