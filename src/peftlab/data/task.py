@@ -176,6 +176,27 @@ def _split(
     return train, validation, test, source
 
 
+def require_examples(cfg: DataConfig, examples: list[Any]) -> None:
+    if not examples:
+        raise DataError(
+            f"{cfg.train_path}: no training example is left after splitting, dedupe and length limits"
+        )
+
+
+def split_counts(
+    cfg: DataConfig, parts: tuple[list[Any], list[Any], list[Any]], source: str
+) -> dict[str, Any]:
+    """The manifest's record counts of the train / validation / test split."""
+    train, validation, test = parts
+    return {
+        "kind": cfg.kind,
+        "train_records": len(train),
+        "validation_records": len(validation),
+        "test_records": len(test),
+        "validation_source": source,
+    }
+
+
 def _class_task(
     cfg: DataConfig,
     tokenizer: Any,
@@ -187,19 +208,12 @@ def _class_task(
     """(prompt ids, class index) rows for a sequence-classification head (data/classes.py)."""
     train, validation, test = parts
     examples = tokenize_classes(train, label_names, cfg, tokenizer, counts)
-    if not examples:
-        raise DataError(
-            f"{cfg.train_path}: no training example is left after splitting, dedupe and length limits"
-        )
+    require_examples(cfg, examples)
     val_counts: Counter[str] = Counter()
     val_examples = tokenize_classes(validation, label_names, cfg, tokenizer, val_counts)
     stats = {
-        "kind": cfg.kind,
+        **split_counts(cfg, parts, source),
         "head": "sequence_classification",
-        "train_records": len(train),
-        "validation_records": len(validation),
-        "test_records": len(test),
-        "validation_source": source,
         "train_examples": len(examples),
         "validation_examples": len(val_examples),
         "train_blocks": len(examples),  # one example a row: never packed
@@ -236,20 +250,13 @@ def build_task_data(cfg: DataConfig, tokenizer: Any, seed: int = 42, head: str =
     if head == "sequence_classification" and label_names is not None:
         return _class_task(cfg, tokenizer, (train, validation, test), label_names, counts, source)
     examples = tokenize_all(train, cfg, tokenizer, counts)
-    if not examples:
-        raise DataError(
-            f"{cfg.train_path}: no training example is left after splitting, dedupe and length limits"
-        )
+    require_examples(cfg, examples)
     blocks: PackedBlocks = pack_examples(examples, cfg.max_seq_len, cfg.packing)
     val_counts: Counter[str] = Counter()
     val_examples = tokenize_all(validation, cfg, tokenizer, val_counts) if validation else []
     val_blocks = pack_examples(val_examples, cfg.max_seq_len, cfg.packing) if val_examples else None
     stats = {
-        "kind": cfg.kind,
-        "train_records": len(train),
-        "validation_records": len(validation),
-        "test_records": len(test),
-        "validation_source": source,
+        **split_counts(cfg, (train, validation, test), source),
         "train_examples": len(examples),
         "validation_examples": len(val_examples),
         "train_blocks": len(blocks),
