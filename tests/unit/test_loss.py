@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,9 +117,18 @@ print((rss() - start) / 2**20)
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")
 
+    # PyTorch's default allocator: importing peftlab (here, in pytest) sets THP_MEM_ALLOC_ENABLE=1,
+    # under which these page-aligned buffers are not held either (test_allocator.py)
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}
+
     def held_mib(mode: str) -> float:
         out = subprocess.run(
-            [sys.executable, "-c", script, mode], capture_output=True, text=True, check=True, cwd=ROOT
+            [sys.executable, "-c", script, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env=env,
         )
         return float(out.stdout.strip())
 
