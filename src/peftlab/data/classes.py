@@ -59,6 +59,17 @@ def padding_bound(examples: list[ClassExample]) -> float:
     return 1 - real / (longest * len(examples))
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (B, T): rows padded on the right to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
 class ClassDataset(torch.utils.data.Dataset):
     def __init__(self, examples: list[ClassExample]):
         self.examples = examples
@@ -82,12 +93,7 @@ class ClassCollator:
         self.tally_key = tally_key
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        length = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # (B, L)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)  # (B, L)
-        for i, r in enumerate(rows):
-            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, : len(r["input_ids"])] = 1
+        ids, mask = right_pad([r["input_ids"] for r in rows], self.pad_id)  # (B, L) each
         batch: dict[str, Any] = {
             "input_ids": ids,
             "attention_mask": mask,

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from peftlab.data.classes import right_pad
+
 
 @torch.no_grad()
 def label_loglikelihoods(
@@ -38,12 +40,8 @@ def label_loglikelihoods(
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i : i + batch_size]
         seqs = [prompt_ids[n] + comp_ids[k] for n, k in batch]
-        width = max(len(s) for s in seqs)
-        inputs = torch.full((len(batch), width), pad, dtype=torch.long)  # [B, T]
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            inputs[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
+        inputs, mask = right_pad(seqs, pad)  # [B, T] each
+        width = inputs.shape[1]
         logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits
         # the last T positions are the inputs' (prompt tuning puts virtual tokens in front)
         logp = torch.log_softmax(logits[:, -width:].float(), dim=-1).cpu()  # [B, T, V]
@@ -76,13 +74,7 @@ def head_predictions(
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     predicted: list[int] = []
     for i in range(0, len(prompt_ids), batch_size):
-        rows = prompt_ids[i : i + batch_size]
-        width = max(len(r) for r in rows)
-        inputs = torch.full((len(rows), width), config.pad_token_id, dtype=torch.long)  # [B, T]
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, ids in enumerate(rows):
-            inputs[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
+        inputs, mask = right_pad(prompt_ids[i : i + batch_size], config.pad_token_id)  # [B, T] each
         logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits  # [B, K]
         predicted += logits.argmax(dim=-1).tolist()
     model.train(was_training)
