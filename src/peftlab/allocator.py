@@ -25,20 +25,46 @@ THRESHOLD_BYTES = 1 << 20  # allocations above 1 MiB (a 512x576 fp32 activation 
 
 
 @functools.lru_cache(maxsize=1)
-def tame_glibc_malloc() -> bool:
-    """Fix glibc's mmap and trim thresholds for this process; False where there is no glibc."""
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (it has mallopt and malloc_trim), else None."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (musl and others have neither)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+@functools.lru_cache(maxsize=1)
+def tame_glibc_malloc() -> bool:
+    """Fix glibc's mmap and trim thresholds for this process; False where there is no glibc."""
+    libc = _glibc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES)) and bool(
         mallopt(M_TRIM_THRESHOLD, THRESHOLD_BYTES)
     )
+
+
+def return_freed_heap() -> bool:
+    """Give the heap's free pages back to the system now (glibc malloc_trim); False without glibc.
+
+    Loading frees the checkpoint's tensors (all of them for a 4-bit base, which is quantised from
+    them) and the base evaluation frees its activations; glibc keeps such freed heap memory in the
+    process, where it counts in the run's peak RSS although training may never reuse it.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
+    libc.malloc_trim(0)
+    return True

@@ -32,6 +32,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from peftlab.config import RunConfig
 from peftlab.heads import write_task_labels
+from peftlab.lean_mlp import lean_gated_mlps
 from peftlab.methods import get_method
 from peftlab.resources import tensor_bytes
 from peftlab.trainer import CHUNK_ROWS
@@ -95,6 +96,8 @@ def estimate_memory(
     # lists them, else the config default (2); the head is tiny either way.
     write_task_labels(model, cfg.data.label_names if cfg.data.kind == "classification" else None)
     model = spec.prepare(model, cfg.method)
+    if cfg.train.lean_mlp:  # traced below as the run will train it
+        lean_gated_mlps(model)
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
     weights = sum(quantised.get(id(p), p.numel() * p.element_size()) for p in params)

@@ -126,8 +126,9 @@ def device_capacity(gpu: str | None) -> tuple[str, int, float, str]:
 
 
 def framework_overhead(gpu: str | None) -> int:
-    """Memory that is not the run's: the CUDA context on a GPU; on the CPU this process's RSS now
-    (torch, transformers, peft imported), measured."""
+    """Memory that is not the model's: the CUDA context on a GPU; on the CPU this process's RSS
+    now, measured (torch, transformers, peft imported; in `peftlab train` also the tokenizer and
+    the tokenised data)."""
     if gpu is not None or torch.cuda.is_available():
         return CUDA_OVERHEAD
     return int(psutil.Process().memory_info().rss)

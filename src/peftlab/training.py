@@ -20,7 +20,7 @@ import torch
 from transformers import TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from peftlab.allocator import tame_glibc_malloc
+from peftlab.allocator import return_freed_heap, tame_glibc_malloc
 from peftlab.callbacks import JsonlLogger, LossProgressBar, MemorySplit, read_log
 from peftlab.config import RunConfig
 from peftlab.data.task import TaskData, build_task_data
@@ -37,6 +37,7 @@ from peftlab.evaluation.runner import (
 )
 from peftlab.fit import must_release_memory, preflight
 from peftlab.heads import is_sequence_classifier, write_task_labels
+from peftlab.lean_mlp import lean_gated_mlps
 from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
     ModelSource,
@@ -164,7 +165,7 @@ def train(
 ) -> RunResult:
     """Train as `cfg` says; with `resume_dir`, continue that run from its newest complete checkpoint.
 
-    Before anything is loaded, the memory estimate is printed; a run that will not fit is refused
+    Before the model is loaded, the memory estimate is printed; a run that will not fit is refused
     unless `force`."""
     checkpoint = checkpoint_to_resume(resume_dir) if resume_dir is not None else None
     spec = get_method(cfg.method.name)
@@ -173,8 +174,8 @@ def train(
     dtype = pick_dtype(cfg.model.dtype, device)
     source = resolve_source(cfg.model)
     # Dry run of the method on the architecture alone (meta device): a bad target module or rank
-    # fails here, before any weights are read or a run folder exists. The estimate's own meta model
-    # is that dry run; a resumed run (no estimate) prepares one just for the check.
+    # fails before any weights are read or a run folder exists. The estimate's own meta model is
+    # that dry run; a resumed run (no estimate) prepares one just for the check.
     model_config = read_model_config(source, cfg.model)
     check_lengths(
         model_config,
@@ -183,20 +184,20 @@ def train(
             "eval.window": cfg.eval.window if cfg.eval.enabled else None,
         },
     )
-    if checkpoint is None:
-        estimate = preflight(cfg, model_config, dtype, force)
-    else:
-        estimate = None
+    if checkpoint is not None:
         spec.prepare(build_on_meta(source, cfg.model), cfg.method)
-    released = device.type == "cpu" and must_release_memory(cfg.train.release_memory, estimate)
-    if released:
-        tame_glibc_malloc()  # peak RSS close to live memory (allocator.py)
     load_options = spec.load_options(cfg.method, dtype) if spec.load_options else {}
     tokenizer = load_tokenizer(source, cfg.model)
 
     # Data first: bad data fails before a run folder or a model exists.
     task = build_task_data(cfg.data, tokenizer, cfg.train.seed, spec.head)
     eval_data = build_eval_inputs(cfg, tokenizer, task) if cfg.eval.enabled else None
+    # The estimate after the data: on the CPU its overhead is this process's RSS, which now holds
+    # the tokenizer and the tokenised data the run will hold too.
+    estimate = preflight(cfg, model_config, dtype, force) if checkpoint is None else None
+    released = device.type == "cpu" and must_release_memory(cfg.train.release_memory, estimate)
+    if released:
+        tame_glibc_malloc()  # peak RSS close to live memory (allocator.py)
 
     if resume_dir is not None and checkpoint is not None:
         run_dir = resume_dir
@@ -305,6 +306,8 @@ def _run(
     # label names (and the batches' pad id) where a head method reads them; causal LMs ignore them
     write_task_labels(model, task.label_names, getattr(task.collator, "pad_id", None))
     model = spec.prepare(model, cfg.method)
+    if cfg.train.lean_mlp:
+        lean_gated_mlps(model)
     counts = count_parameters(model)
     print(counts.line())
     if cfg.train.gradient_checkpointing:
@@ -335,6 +338,7 @@ def _run(
     if progress:  # swap the stock bar (which prints every log dict) for one with loss in the bar
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgressBar())
+    return_freed_heap()  # what loading and the base evaluation freed (allocator.py)
     with ResourceMonitor() as monitor:
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
