@@ -94,3 +94,58 @@ def test_logits_only_for_scored_positions_give_the_same_scores(tiny_model, monke
     monkeypatch.undo()
     wrapped = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"]))
     assert perplexity.accepts_logits_to_keep(wrapped)
+
+
+def test_linear_nll_and_hits_equal_cross_entropy_and_argmax():
+    from peftlab.loss import linear_nll_and_hits
+
+    generator = torch.Generator().manual_seed(0)
+    rows, weight = torch.randn(37, 8, generator=generator), torch.randn(50, 8, generator=generator)
+    targets = torch.randint(0, 50, (37,), generator=generator)
+    targets[:5] = (rows[:5] @ weight.T).argmax(-1)  # some hits for sure
+    logits = rows @ weight.T
+    nll, hits = linear_nll_and_hits(rows, weight, targets, chunk_rows=10)  # 4 chunks, the last short
+    assert nll == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item(), rel=1e-6
+    )
+    assert hits == int((logits.argmax(-1) == targets).sum()) >= 5
+
+
+def test_the_hidden_state_path_equals_the_models_own_logits(tiny_model, monkeypatch):
+    from peftlab.evaluation import perplexity
+
+    ids = [5 + (i * 11) % 250 for i in range(70)]
+    calls = []
+    linear = perplexity.linear_nll_and_hits
+    monkeypatch.setattr(perplexity, "linear_nll_and_hits", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    chunked = score_tokens(tiny_model, ids, window=16, stride=8, batch_size=2, progress=False)
+    assert len(calls) == 4  # every batch: 8 windows in batches of 2
+    assert tiny_model.get_output_embeddings() is tiny_model.lm_head  # the head is back
+    monkeypatch.setattr(perplexity, "_plain_head", lambda model: None)
+    own = score_tokens(tiny_model, ids, window=16, stride=8, batch_size=2, progress=False)
+    assert chunked.tokens == own.tokens == 69 and chunked.correct == own.correct
+    assert chunked.nll_sum == pytest.approx(own.nll_sum, rel=1e-6)
+
+
+def test_a_model_that_scales_its_logits_is_scored_by_its_own_logits(tiny_model):
+    """Logits that are more than head(hidden) (Cohere scales them, Gemma 2 soft-caps them) are
+    caught on the first batch, and every batch is scored from the model's own logits."""
+    forward = tiny_model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+
+    tiny_model.forward = scaled
+    ids = [5 + (i * 11) % 250 for i in range(40)]
+    scores = score_tokens(tiny_model, ids, window=8, stride=8, batch_size=2, progress=False)
+    # with S = L every window is scored in full and starts afresh
+    expected = 0.0
+    for begin, end, _ in sliding_windows(len(ids), 8, 8):
+        with torch.no_grad():
+            window_logits = 3.0 * forward(input_ids=torch.tensor([ids[begin:end]])).logits[0]
+        targets = torch.tensor(ids[begin + 1 : end + 1])
+        expected += torch.nn.functional.cross_entropy(window_logits, targets, reduction="sum").item()
+    assert scores.tokens == 39
+    assert scores.nll_sum == pytest.approx(expected, rel=1e-5)
