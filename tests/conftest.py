@@ -76,6 +76,24 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> L
     return LlamaForCausalLM(config).eval()
 
 
+def saved_activation_bytes(model: torch.nn.Module, **inputs: object) -> int:
+    """Distinct non-parameter bytes autograd saves for backward in one forward of `model`."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
+    seen: dict[StorageWeakRef, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref not in params:
+            seen[ref] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(seen.values())
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Fast tests get their own $PEFTLAB_CACHE (tokenised data, base evaluations), so a result cached

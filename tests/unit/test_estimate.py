@@ -120,8 +120,9 @@ def test_quantised_weights_are_counted_at_four_bits(base_dir):
 
 def test_traced_activations_equal_a_real_forward_on_this_cpu(base_dir):
     """The meta-device trace (with fused attention) saves the same bytes as a real CPU forward."""
-    from torch.multiprocessing.reductions import StorageWeakRef
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import saved_activation_bytes
 
     config = AutoConfig.from_pretrained(base_dir)
     cfg = run_config({"name": "lora", "r": 4, "dropout": 0.0}, base_dir)
@@ -130,18 +131,8 @@ def test_traced_activations_equal_a_real_forward_on_this_cpu(base_dir):
     traced, _ = _activation_bytes(get_method("lora").prepare(meta, cfg.method), 2, 16)
 
     real = get_method("lora").prepare(AutoModelForCausalLM.from_pretrained(base_dir), cfg.method).train()
-    params = {StorageWeakRef(p.untyped_storage()) for p in real.parameters()}
-    seen: dict[StorageWeakRef, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ref = StorageWeakRef(t.untyped_storage())
-        if ref not in params:
-            seen[ref] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        real(input_ids=torch.randint(3, 300, (2, 16)), logits_to_keep=1, output_hidden_states=True)
-    assert traced == sum(seen.values())
+    ids = torch.randint(3, 300, (2, 16))
+    assert traced == saved_activation_bytes(real, input_ids=ids, logits_to_keep=1, output_hidden_states=True)
 
 
 def test_flops_per_token_by_hand():

@@ -5,7 +5,6 @@ MLPs it does not recognise alone."""
 from __future__ import annotations
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import AutoConfig, GemmaConfig, GemmaForCausalLM
 
 from peftlab.config import validate_config
@@ -15,19 +14,9 @@ from peftlab.methods import get_method
 
 
 def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    """Distinct non-parameter bytes autograd saves for backward in one forward of `model`."""
-    params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
-    seen: dict[StorageWeakRef, int] = {}
+    from conftest import saved_activation_bytes
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ref = StorageWeakRef(t.untyped_storage())
-        if ref not in params:
-            seen[ref] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, logits_to_keep=1)
-    return sum(seen.values())
+    return saved_activation_bytes(model, input_ids=ids, logits_to_keep=1)
 
 
 def lora(model: torch.nn.Module) -> torch.nn.Module:
