@@ -13,8 +13,10 @@ values and the same gradients, bit for bit (its backward runs autograd's own ops
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,20 +48,24 @@ def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))  # type: ignore[operator]
 
 
+@functools.cache
+def _is_stock_forward(forward: Callable[..., Any]) -> bool:
+    """Is `forward` exactly transformers' gated-MLP forward? (its source is read once per class)"""
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):  # no source to check: leave the module as it is
+        return False
+    body = source.split(":", 1)[1] if source.lstrip().startswith("def forward(self, x)") else ""
+    return "".join(body.split()) in STOCK_BODIES
+
+
 def _is_stock_silu_mlp(module: nn.Module) -> bool:
     act = getattr(module, "act_fn", None)
     if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")) or act is None:
         return False
     from transformers.activations import SiLUActivation
 
-    if type(act) not in (nn.SiLU, SiLUActivation):
-        return False
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):  # no source to check: leave the module as it is
-        return False
-    body = source.split(":", 1)[1] if source.lstrip().startswith("def forward(self, x)") else ""
-    return "".join(body.split()) in STOCK_BODIES
+    return type(act) in (nn.SiLU, SiLUActivation) and _is_stock_forward(type(module).forward)
 
 
 def lean_gated_mlps(model: nn.Module) -> int:

@@ -28,6 +28,18 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def output_head(model: Any) -> nn.Module | None:
+    """The model's output projection (through a peft wrapper too), or None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def is_plain_linear(head: nn.Module | None) -> bool:
+    """A bias-free nn.Linear itself (not a LoRA-wrapped or quantised one): the fused kernel applies."""
+    return type(head) is nn.Linear and head.bias is None
+
+
 def _chunk_softmax_t(
     weight: torch.Tensor,  # (V, H) output projection
     rows: torch.Tensor,  # (c, H)
@@ -151,7 +163,7 @@ def chunked_lm_loss(
     rows = hidden.reshape(-1, hidden.shape[-1])[keep]  # (N, H)
     targets = targets[keep]  # (N,)
     denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-    if isinstance(head, nn.Linear) and type(head) is nn.Linear and head.bias is None:
+    if is_plain_linear(head):
         need_grads = torch.is_grad_enabled() and (rows.requires_grad or head.weight.requires_grad)
         total = _LinearCrossEntropy.apply(rows, head.weight, targets, chunk_rows, need_grads)
     else:

@@ -15,15 +15,9 @@ import torch
 from transformers import Trainer
 
 from peftlab.heads import is_sequence_classifier
-from peftlab.loss import IGNORE_INDEX, chunked_lm_loss
+from peftlab.loss import IGNORE_INDEX, chunked_lm_loss, output_head
 
 CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 49,152 fp32 = 50 MB for SmolLM2 (1024: +0.4 GiB peak, no faster)
-
-
-def output_head(model: Any) -> torch.nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    return head if isinstance(head, torch.nn.Module) else None
 
 
 def chunked_forward_loss(

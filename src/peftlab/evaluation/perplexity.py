@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from peftlab.loss import linear_nll_and_hits
+from peftlab.data.classes import right_pad
+from peftlab.loss import is_plain_linear, linear_nll_and_hits, output_head
 
 IGNORE_INDEX = -100
 
@@ -109,17 +110,13 @@ def _window_batch(
     batch: list[tuple[int, int, int]], tokens: torch.Tensor, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs, targets, attention mask), each (B, T) right-padded, for a batch of window spans."""
-    width = max(end - begin for begin, end, _ in batch)
-    inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
-    targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (begin, end, first) in enumerate(batch):
-        n = end - begin
-        inputs[row, :n] = tokens[begin:end]
-        target_row = tokens[begin + 1 : end + 1].clone()
-        target_row[: first - (begin + 1)] = IGNORE_INDEX  # already scored by an earlier window
-        targets[row, :n] = target_row
-        mask[row, :n] = 1
+    inputs, mask = right_pad([tokens[begin:end].tolist() for begin, end, _ in batch], pad_id)  # [B, T]
+    target_rows = []
+    for begin, end, first in batch:
+        row = tokens[begin + 1 : end + 1].clone()
+        row[: first - (begin + 1)] = IGNORE_INDEX  # already scored by an earlier window
+        target_rows.append(row.tolist())
+    targets, _ = right_pad(target_rows, IGNORE_INDEX)  # [B, T]
     return inputs, targets, mask
 
 
@@ -136,10 +133,8 @@ def _hidden_states_as_logits(model: Any, head: torch.nn.Module) -> Iterator[None
 
 
 def _plain_head(model: Any) -> torch.nn.Linear | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    plain = type(head) is torch.nn.Linear and head.bias is None and hasattr(model, "set_output_embeddings")
-    return head if plain else None
+    head = output_head(model)
+    return head if is_plain_linear(head) and hasattr(model, "set_output_embeddings") else None  # type: ignore[return-value]
 
 
 @torch.no_grad()
