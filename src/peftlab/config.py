@@ -171,6 +171,14 @@ class TrainConfig(Section):
         "page faults are expensive (VMs); false: glibc keeps freed memory for reuse (faster; peak RSS up to "
         "~1.7x the live memory); auto: release only when the estimate x 1.7 would not fit in RAM.",
     )
+    heap_trim_layers: int = Field(
+        5,
+        ge=0,
+        description="CPU runs that keep glibc's heap (release_memory false, or auto that keeps it): give "
+        "its free pages back to the system after every N-th decoder layer of a forward pass, so holes "
+        "left by freed temporaries do not count in peak RSS (SmolLM2 LoRA 512x4: peak 3.03 -> 2.73 GiB "
+        "for ~2% of step time in page faults); 0: never.",
+    )
     loss: Literal["auto", "chunked", "standard"] = Field(
         "auto",
         description="chunked: the causal-LM loss a chunk of tokens at a time, never holding the whole "

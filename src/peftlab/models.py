@@ -297,3 +297,12 @@ def model_fingerprint(source: ModelSource) -> str:
     if origin.is_file():
         digest.update(origin.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The stack of decoder blocks: the ModuleList whose length is the config's layer count."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    return None

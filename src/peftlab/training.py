@@ -20,7 +20,7 @@ import torch
 from transformers import TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from peftlab.allocator import return_freed_heap, tame_glibc_malloc
+from peftlab.allocator import heap_trimmed_every, return_freed_heap, tame_glibc_malloc
 from peftlab.callbacks import JsonlLogger, LossProgressBar, MemorySplit, read_log
 from peftlab.config import RunConfig
 from peftlab.data.task import TaskData, build_task_data
@@ -43,6 +43,7 @@ from peftlab.models import (
     ModelSource,
     build_on_meta,
     check_lengths,
+    decoder_layers,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -339,7 +340,9 @@ def _run(
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgressBar())
     return_freed_heap()  # what loading and the base evaluation freed (allocator.py)
-    with ResourceMonitor() as monitor:
+    trimmed = decoder_layers(model) if device.type == "cpu" else None  # heap holes (allocator.py)
+    with heap_trimmed_every(trimmed, cfg.train.heap_trim_layers) as trims, ResourceMonitor() as monitor:
+        metrics["heap_trims_per_forward"] = trims
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - started

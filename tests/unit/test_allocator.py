@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 PROBE = (
     "import peftlab, torch\n"
@@ -53,3 +54,54 @@ TRIM_PROBE = (
 def test_freed_heap_memory_goes_back_to_the_system():
     out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, check=True)
     assert int(out.stdout.strip().splitlines()[-1]) > 200 * 2**20  # of the 250 MiB freed
+
+
+HOLES_PROBE = (
+    "import sys, psutil, torch\n"
+    "from peftlab.allocator import heap_trimmed_every\n"
+    "rss = lambda: psutil.Process().memory_info().rss\n"
+    "class Layer(torch.nn.Module):\n"
+    # a forward that frees 250 MiB of 64 KiB temporaries (glibc heap) and keeps an activation
+    # allocated after them, so the holes are not at the heap's top, which glibc trims by itself
+    "    def forward(self, x):\n"
+    "        temporaries = [torch.ones(16 << 10) for _ in range(4000)]\n"
+    "        self.kept = temporaries[-1] * 2\n"
+    "        return x + self.kept.sum()\n"
+    "layers = torch.nn.ModuleList([Layer(), Layer()])\n"
+    "with heap_trimmed_every(layers, int(sys.argv[1])) as trimming:\n"
+    "    start = rss()\n"
+    "    out = layers[1](layers[0](torch.zeros(3)))\n"
+    "    held = rss() - start\n"
+    "assert torch.equal(out, torch.full((3,), 4.0 * (16 << 10)))\n"  # the hooks change nothing
+    "assert not any(layer._forward_hooks for layer in layers)\n"  # and are gone after the block
+    "print(trimming, held)\n"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_trimming_after_layers_returns_the_holes_a_forward_leaves():
+    def run(every: int) -> tuple[int, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", HOLES_PROBE, str(every)], capture_output=True, text=True, check=True
+        )
+        trimming, held = out.stdout.split()
+        return int(trimming), int(held)
+
+    never, every_layer = run(0), run(1)
+    assert never[0] == 0 and every_layer[0] == 2
+    assert never[1] > 200 * 2**20  # the freed temporaries stay resident without a trim
+    assert every_layer[1] < never[1] - 200 * 2**20
+
+
+def test_every_nth_layer_trims():
+    from peftlab.allocator import _glibc, heap_trimmed_every
+
+    layers = torch.nn.ModuleList([torch.nn.Identity() for _ in range(30)])
+    expected = 6 if _glibc() is not None else 0
+    with heap_trimmed_every(layers, 5) as trimming:
+        assert trimming == expected
+        assert [i for i, layer in enumerate(layers) if layer._forward_hooks] == (
+            [4, 9, 14, 19, 24, 29] if expected else []
+        )
+    with heap_trimmed_every(layers, 0) as none, heap_trimmed_every(None, 5) as no_layers:
+        assert none == no_layers == 0

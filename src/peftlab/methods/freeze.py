@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from peftlab.config import MethodConfig
 from peftlab.errors import MethodError
 from peftlab.methods.registry import MethodSpec, register_method
+from peftlab.models import decoder_layers
 
 
 class FreezeConfig(MethodConfig):
@@ -32,18 +33,11 @@ class FreezeConfig(MethodConfig):
         return self
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The stack of decoder blocks: the ModuleList whose length is the config's layer count."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise MethodError("freeze: could not find the model's decoder layers (num_hidden_layers)")
-
-
 def prepare(model: torch.nn.Module, cfg: FreezeConfig) -> torch.nn.Module:
     model.requires_grad_(False)
     layers = decoder_layers(model)
+    if layers is None:
+        raise MethodError("freeze: could not find the model's decoder layers (num_hidden_layers)")
     if cfg.last_layers > len(layers):
         raise MethodError(f"freeze.last_layers={cfg.last_layers} but the model has {len(layers)} layers")
     for layer in list(layers)[len(layers) - cfg.last_layers :]:
