@@ -174,8 +174,8 @@ class TrainConfig(Section):
     heap_trim_layers: int = Field(
         5,
         ge=0,
-        description="CPU runs that keep glibc's heap (release_memory false, or auto that keeps it): give "
-        "its free pages back to the system after every N-th decoder layer of a forward pass, so holes "
+        description="CPU runs: give glibc's free heap pages back to the system after every N-th decoder "
+        "layer of a training forward pass (little is left to give with release_memory true), so holes "
         "left by freed temporaries do not count in peak RSS (SmolLM2 LoRA 512x4: peak 3.03 -> 2.73 GiB "
         "for ~2% of step time in page faults); 0: never.",
     )
