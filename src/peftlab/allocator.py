@@ -38,9 +38,12 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(name)
-        libc.mallopt, libc.malloc_trim  # noqa: B018  (musl and others have neither)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim  # musl and others have neither
     except (OSError, AttributeError):
         return None
+    # Signatures once here: malloc_trim also runs in forward hooks during training.
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     return libc
 
 
@@ -50,11 +53,8 @@ def tame_glibc_malloc() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    mallopt = libc.mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES)) and bool(
-        mallopt(M_TRIM_THRESHOLD, THRESHOLD_BYTES)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD_BYTES)
     )
 
 
@@ -68,8 +68,6 @@ def return_freed_heap() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    libc.malloc_trim.restype = ctypes.c_int
     libc.malloc_trim(0)
     return True
 

@@ -14,7 +14,7 @@ materialises every chunk's logits for backward.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ def output_head(model: Any) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
-def is_plain_linear(head: nn.Module | None) -> bool:
+def is_plain_linear(head: nn.Module | None) -> TypeGuard[nn.Linear]:
     """A bias-free nn.Linear itself (not a LoRA-wrapped or quantised one): the fused kernel applies."""
     return type(head) is nn.Linear and head.bias is None
 

@@ -134,7 +134,7 @@ def _hidden_states_as_logits(model: Any, head: torch.nn.Module) -> Iterator[None
 
 def _plain_head(model: Any) -> torch.nn.Linear | None:
     head = output_head(model)
-    return head if is_plain_linear(head) and hasattr(model, "set_output_embeddings") else None  # type: ignore[return-value]
+    return head if is_plain_linear(head) and hasattr(model, "set_output_embeddings") else None
 
 
 @torch.no_grad()
