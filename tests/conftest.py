@@ -7,6 +7,7 @@ embedded SmolLM2 and the real data in ../shared/data.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,20 +77,24 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> L
     return LlamaForCausalLM(config).eval()
 
 
-def saved_activation_bytes(model: torch.nn.Module, **inputs: object) -> int:
-    """Distinct non-parameter bytes autograd saves for backward in one forward of `model`."""
+def saved_activation_bytes(model: torch.nn.Module, recompute: Any = None, **inputs: object) -> int:
+    """Distinct non-parameter bytes autograd keeps for backward in one forward of `model`; with a
+    recompute.NormRecompute, what its hooks keep (the only saved-tensor hooks that run)."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
     params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
     seen: dict[StorageWeakRef, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ref = StorageWeakRef(t.untyped_storage())
+    def pack(t: torch.Tensor) -> object:
+        packed = recompute.pack(t) if recompute is not None else t
+        held = recompute.held(packed) if recompute is not None else t
+        ref = StorageWeakRef(held.untyped_storage())
         if ref not in params:
-            seen[ref] = t.untyped_storage().nbytes()
-        return t
+            seen[ref] = held.untyped_storage().nbytes()
+        return packed
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    unpack = recompute.unpack if recompute is not None else (lambda t: t)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         model(**inputs)
     return sum(seen.values())
 

@@ -34,6 +34,7 @@ from peftlab.config import RunConfig
 from peftlab.heads import write_task_labels
 from peftlab.lean_mlp import lean_gated_mlps
 from peftlab.methods import get_method
+from peftlab.recompute import NormRecompute, layer_norms
 from peftlab.resources import tensor_bytes
 from peftlab.trainer import CHUNK_ROWS
 
@@ -103,7 +104,7 @@ def estimate_memory(
     weights = sum(quantised.get(id(p), p.numel() * p.element_size()) for p in params)
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     batch, seq = cfg.train.batch_size, seq_len_of(cfg)
-    activations, checkpointed = _activation_bytes(model, batch, seq)
+    activations, checkpointed = _activation_bytes(model, batch, seq, cfg.train.recompute_norms)
     vocab = int(model_config.vocab_size)
     if spec.head != "causal_lm":  # class logits (B x labels): no vocabulary-sized working set
         loss_bytes = 0
@@ -244,8 +245,9 @@ def _fused_attention() -> Iterator[None]:
         functional.scaled_dot_product_attention = original
 
 
-def _activation_bytes(model: Any, batch: int, seq: int) -> tuple[int, int]:
-    """(saved bytes without checkpointing, with checkpointing) for one training forward."""
+def _activation_bytes(model: Any, batch: int, seq: int, recompute_norms: bool) -> tuple[int, int]:
+    """(saved bytes without checkpointing, with checkpointing) for one training forward; with
+    recompute_norms, the norm outputs training rebuilds in backward (recompute.py) are not counted."""
     if getattr(model, "is_gradient_checkpointing", False):  # traced without, derived below
         model.gradient_checkpointing_disable()
     model.train()
@@ -256,11 +258,15 @@ def _activation_bytes(model: Any, batch: int, seq: int) -> tuple[int, int]:
     layer_inputs: dict[int, int] = {}
     current = [-1]  # index of the layer running now; -1 outside the layer stack
 
+    # Its hooks are asked what training would keep (only the innermost saved-tensor hooks run).
+    recompute = NormRecompute(layer_norms(layers)) if recompute_norms and layers is not None else None
+
     def pack(t: torch.Tensor) -> torch.Tensor:
-        ref = StorageWeakRef(t.untyped_storage())
+        held = recompute.held(recompute.pack(t)) if recompute is not None else t
+        ref = StorageWeakRef(held.untyped_storage())
         if ref not in param_storages and ref not in seen:
             seen.add(ref)
-            per_layer[current[0]] = per_layer.get(current[0], 0) + t.untyped_storage().nbytes()
+            per_layer[current[0]] = per_layer.get(current[0], 0) + held.untyped_storage().nbytes()
         return t
 
     hooks = []
@@ -285,6 +291,8 @@ def _activation_bytes(model: Any, batch: int, seq: int) -> tuple[int, int]:
     finally:
         for hook in hooks:
             hook.remove()
+        if recompute is not None:
+            recompute.remove()
     total = sum(per_layer.values())
     in_layers = [v for k, v in per_layer.items() if k >= 0]
     if not in_layers:

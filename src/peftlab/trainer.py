@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, default_data_collator
 
+from peftlab.data.task import TaskData
+from peftlab.errors import MethodError
 from peftlab.heads import is_sequence_classifier
 from peftlab.loss import IGNORE_INDEX, chunked_lm_loss, output_head
 
@@ -54,6 +56,26 @@ def chunked_loss_agrees(model: Any, batch: dict[str, Any], rtol: float = 1e-3) -
     if own is None or not torch.isclose(chunked.float(), own.float(), rtol=rtol, atol=1e-5):
         return False, f"it differs from the model's own loss ({float(chunked):.5f} vs {float(own):.5f})"
     return True, ""
+
+
+def choose_loss(setting: str, model: Any, task: TaskData, device: torch.device) -> str:
+    """'chunked' or 'standard': auto takes the chunked loss when it equals the model's own on a
+    real training example; asking for chunked where it does not agree is an error."""
+    if setting == "standard" or is_sequence_classifier(model):  # a head's loss is over classes, not tokens
+        return "standard"
+    first = {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v
+        for k, v in (task.collator or default_data_collator)([task.train_dataset[0]]).items()
+    }
+    ok, why = chunked_loss_agrees(model, first)
+    if ok:
+        return "chunked"
+    if setting == "chunked":
+        raise MethodError(
+            f"train.loss=chunked cannot be used with this model: {why}; use train.loss=standard"
+        )
+    print(f"using the model's own loss: the chunked loss {why}")
+    return "standard"
 
 
 class PeftlabTrainer(Trainer):

@@ -17,14 +17,13 @@ from typing import Any
 
 import psutil
 import torch
-from transformers import TrainingArguments, default_data_collator, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from peftlab.allocator import heap_trimmed_every, return_freed_heap, tame_glibc_malloc
 from peftlab.callbacks import JsonlLogger, LossProgressBar, MemorySplit, read_log
 from peftlab.config import RunConfig
 from peftlab.data.task import TaskData, build_task_data
-from peftlab.errors import MethodError
 from peftlab.estimate import seq_len_key, seq_len_of
 from peftlab.evaluation.runner import (
     EvalInputs,
@@ -36,7 +35,7 @@ from peftlab.evaluation.runner import (
     record_comparison,
 )
 from peftlab.fit import must_release_memory, preflight
-from peftlab.heads import is_sequence_classifier, write_task_labels
+from peftlab.heads import write_task_labels
 from peftlab.lean_mlp import lean_gated_mlps
 from peftlab.methods import MethodSpec, get_method
 from peftlab.models import (
@@ -54,6 +53,7 @@ from peftlab.models import (
 )
 from peftlab.padding import PaddingTally
 from peftlab.params import count_parameters
+from peftlab.recompute import norms_recomputed
 from peftlab.resources import ResourceMonitor, gib, parameter_bytes
 from peftlab.resume import (
     CheckpointMarker,
@@ -63,7 +63,7 @@ from peftlab.resume import (
     trim_log,
 )
 from peftlab.runs import atomic_write_json, atomic_write_text, base_manifest, create_run_dir, now_iso
-from peftlab.trainer import PeftlabTrainer, chunked_loss_agrees
+from peftlab.trainer import PeftlabTrainer, choose_loss
 from peftlab.validation import KeepNewestAndBest, evaluation_arguments, validation_summary
 
 
@@ -139,26 +139,6 @@ def memory_split(model: Any, split: MemorySplit, monitor: ResourceMonitor, frame
         "activations_and_rest_bytes": max(int(peak or 0) - known, 0),
         "peak_bytes": int(peak or 0),
     }
-
-
-def choose_loss(setting: str, model: Any, task: TaskData, device: torch.device) -> str:
-    """'chunked' or 'standard': auto takes the chunked loss when it equals the model's own on a
-    real training example; asking for chunked where it does not agree is an error."""
-    if setting == "standard" or is_sequence_classifier(model):  # a head's loss is over classes, not tokens
-        return "standard"
-    first = {
-        k: v.to(device) if isinstance(v, torch.Tensor) else v
-        for k, v in (task.collator or default_data_collator)([task.train_dataset[0]]).items()
-    }
-    ok, why = chunked_loss_agrees(model, first)
-    if ok:
-        return "chunked"
-    if setting == "chunked":
-        raise MethodError(
-            f"train.loss=chunked cannot be used with this model: {why}; use train.loss=standard"
-        )
-    print(f"using the model's own loss: the chunked loss {why}")
-    return "standard"
 
 
 def train(
@@ -340,9 +320,15 @@ def _run(
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgressBar())
     return_freed_heap()  # what loading and the base evaluation freed (allocator.py)
-    trimmed = decoder_layers(model) if device.type == "cpu" else None  # heap holes (allocator.py)
-    with heap_trimmed_every(trimmed, cfg.train.heap_trim_layers) as trims, ResourceMonitor() as monitor:
+    layers = decoder_layers(model)
+    trimmed = layers if device.type == "cpu" else None  # heap holes (allocator.py)
+    with (
+        heap_trimmed_every(trimmed, cfg.train.heap_trim_layers) as trims,
+        norms_recomputed(layers if cfg.train.recompute_norms else None) as recomputed,
+        ResourceMonitor() as monitor,
+    ):
         metrics["heap_trims_per_forward"] = trims
+        metrics["norms_recomputed"] = recomputed
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - started

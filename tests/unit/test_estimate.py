@@ -118,21 +118,32 @@ def test_quantised_weights_are_counted_at_four_bits(base_dir):
     assert abs((lora.weights - qlora.weights) - expected_saving) <= 4 * 14
 
 
-def test_traced_activations_equal_a_real_forward_on_this_cpu(base_dir):
-    """The meta-device trace (with fused attention) saves the same bytes as a real CPU forward."""
+@pytest.mark.parametrize("recompute_norms", [False, True])
+def test_traced_activations_equal_a_real_forward_on_this_cpu(base_dir, recompute_norms):
+    """The meta-device trace (with fused attention) keeps the same bytes as a real CPU forward,
+    with and without the norm outputs rebuilt in backward (recompute.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from conftest import saved_activation_bytes
+    from peftlab.models import decoder_layers
+    from peftlab.recompute import NormRecompute, layer_norms
 
     config = AutoConfig.from_pretrained(base_dir)
     cfg = run_config({"name": "lora", "r": 4, "dropout": 0.0}, base_dir)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    traced, _ = _activation_bytes(get_method("lora").prepare(meta, cfg.method), 2, 16)
+    traced, _ = _activation_bytes(get_method("lora").prepare(meta, cfg.method), 2, 16, recompute_norms)
 
     real = get_method("lora").prepare(AutoModelForCausalLM.from_pretrained(base_dir), cfg.method).train()
+    recompute = NormRecompute(layer_norms(decoder_layers(real) or [])) if recompute_norms else None
     ids = torch.randint(3, 300, (2, 16))
-    assert traced == saved_activation_bytes(real, input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+    kept = saved_activation_bytes(real, recompute, input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+    assert traced == kept
+    if recompute_norms:  # layer 1 of 2 no longer keeps its input norm's output for q/k/v's adapters
+        hidden = config.hidden_size
+        assert saved_activation_bytes(
+            real, input_ids=ids, logits_to_keep=1, output_hidden_states=True
+        ) - kept == (2 * 16 * hidden * 4)
 
 
 def test_flops_per_token_by_hand():

@@ -21,8 +21,14 @@ from peftlab.heads import write_task_labels
 from peftlab.methods import get_method, method_names
 from peftlab.models import ModelSource, load_model
 from peftlab.params import count_parameters
-from peftlab.trainer import PeftlabTrainer, chunked_forward_loss, chunked_loss_agrees, output_head
-from peftlab.training import choose_loss, training_arguments
+from peftlab.trainer import (
+    PeftlabTrainer,
+    choose_loss,
+    chunked_forward_loss,
+    chunked_loss_agrees,
+    output_head,
+)
+from peftlab.training import training_arguments
 
 CASES: list[dict[str, Any]] = [
     {"name": "full"},
