@@ -32,7 +32,8 @@ class _Recipe:
 
     norm: torch.nn.Module
     input: torch.Tensor
-    input_version: int
+    input_version: int  # the input's version when the norm ran
+    shape: torch.Size
     built: torch.Tensor | None = field(default=None, repr=False)
 
     def rebuild(self) -> torch.Tensor:
@@ -46,17 +47,22 @@ class _Recipe:
         if self.built is None:
             with torch.no_grad():
                 self.built = self.norm(self.input)
+            if self.built.shape != self.shape or not self.built.is_contiguous():
+                raise RuntimeError("a norm rebuilt in backward gave a different shape")
         return self.built
 
 
 @dataclass
 class _Output:
-    """A norm output seen in the forward: its norm, a weak ref to the norm's input, its dtype,
-    and (once saved) a weak ref to the recipe its saved views share."""
+    """A norm output seen in the forward: what rebuilds it and the versions that say it still can,
+    plus (once saved) a weak ref to the recipe its saved views share."""
 
     norm: torch.nn.Module
-    input: weakref.ref[torch.Tensor]
+    input: weakref.ref[torch.Tensor]  # weak: an output nobody saves must not keep this alive
+    input_version: int
+    version: int  # the output's own: an output changed in place is no longer norm(input)
     dtype: torch.dtype
+    shape: torch.Size
     recipe: weakref.ref[_Recipe] | None = None
 
     def shared(self) -> _Recipe | None:
@@ -78,8 +84,8 @@ class NormRecompute:
 
     def __init__(self, norms: Iterable[torch.nn.Module]):
         # output storage -> what rebuilds it; filled by forward hooks, read when autograd saves a
-        # tensor. Only weak refs: an output nobody saves (a frozen MLP's input) must not keep its
-        # norm's input alive.
+        # tensor. A StorageWeakRef keeps its storage's bookkeeping allocated after the data is
+        # freed, so no later storage can share a key: a hit is exactly that output's storage.
         self._outputs: dict[StorageWeakRef, _Output] = {}
         self._handles = [norm.register_forward_hook(self._remember) for norm in norms]
 
@@ -93,21 +99,21 @@ class NormRecompute:
             return
         if len(self._outputs) > 4 * len(self._handles):  # outputs of past forwards: freed by now
             self._outputs = {key: out for key, out in self._outputs.items() if not key.expired()}
+        norm_input = args[0]
         self._outputs[StorageWeakRef(output.untyped_storage())] = _Output(
-            norm, weakref.ref(args[0]), output.dtype
+            norm, weakref.ref(norm_input), norm_input._version, output._version, output.dtype, output.shape
         )
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor | _Saved:
-        key = StorageWeakRef(tensor.untyped_storage())
-        output = self._outputs.get(key)
-        if output is None or key.expired() or tensor.dtype != output.dtype:
+        output = self._outputs.get(StorageWeakRef(tensor.untyped_storage()))
+        if output is None or tensor.dtype != output.dtype or tensor._version != output.version:
             return tensor
-        recipe = output.shared() if output.recipe is not None else None
+        recipe = output.shared()
         if recipe is None:
             norm_input = output.input()
-            if norm_input is None:
+            if norm_input is None or norm_input._version != output.input_version:
                 return tensor
-            recipe = _Recipe(output.norm, norm_input, norm_input._version)
+            recipe = _Recipe(output.norm, norm_input, output.input_version, output.shape)
             # q, k and v's adapters save views of the same output: they share one recipe
             output.recipe = weakref.ref(recipe)
         return _Saved(recipe, tensor.size(), tensor.stride(), int(tensor.storage_offset()))

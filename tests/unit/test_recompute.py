@@ -76,6 +76,20 @@ def test_norm_input_changed_in_place_after_the_forward_is_refused():
             out.backward()
 
 
+def test_a_norm_output_changed_in_place_before_it_is_saved_is_kept_as_it_is():
+    def grads(recompute: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        norm, proj = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+        x = torch.randn(4, 8, requires_grad=True)
+        with norms_recomputed([torch.nn.ModuleList([norm])] if recompute else None):
+            hidden = norm(x * 2)
+            hidden.mul_(3)  # no longer norm(input): rebuilding it would give the wrong gradient
+            proj(hidden).pow(2).sum().backward()
+        return proj.weight.grad
+
+    assert torch.equal(grads(True), grads(False))
+
+
 def test_hooks_are_gone_after_the_block_and_no_grad_forwards_keep_nothing(tiny_tokenizer):
     model = prepared(len(tiny_tokenizer), CASES[0][0])
     norms = layer_norms(layers_of(model))
