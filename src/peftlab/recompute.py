@@ -87,6 +87,10 @@ class NormRecompute:
         # tensor. A StorageWeakRef keeps its storage's bookkeeping allocated after the data is
         # freed, so no later storage can share a key: a hit is exactly that output's storage.
         self._outputs: dict[StorageWeakRef, _Output] = {}
+        # Storages autograd keeps as they are. A recipe saves memory only where the norm's input
+        # is among them: layer 0's input (embeddings that need no grad) and a bf16 input (the norm
+        # keeps its fp32 copy) are not, and a recipe would keep them alive in place of the output.
+        self._kept: set[StorageWeakRef] = set()
         self._handles = [norm.register_forward_hook(self._remember) for norm in norms]
 
     def __len__(self) -> int:
@@ -99,19 +103,27 @@ class NormRecompute:
             return
         if len(self._outputs) > 4 * len(self._handles):  # outputs of past forwards: freed by now
             self._outputs = {key: out for key, out in self._outputs.items() if not key.expired()}
+            self._kept = {key for key in self._kept if not key.expired()}
         norm_input = args[0]
         self._outputs[StorageWeakRef(output.untyped_storage())] = _Output(
             norm, weakref.ref(norm_input), norm_input._version, output._version, output.dtype, output.shape
         )
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor | _Saved:
-        output = self._outputs.get(StorageWeakRef(tensor.untyped_storage()))
+        key = StorageWeakRef(tensor.untyped_storage())
+        output = self._outputs.get(key)
         if output is None or tensor.dtype != output.dtype or tensor._version != output.version:
+            self._kept.add(key)
             return tensor
         recipe = output.shared()
         if recipe is None:
             norm_input = output.input()
-            if norm_input is None or norm_input._version != output.input_version:
+            if (
+                norm_input is None
+                or norm_input._version != output.input_version
+                or StorageWeakRef(norm_input.untyped_storage()) not in self._kept
+            ):
+                self._kept.add(key)
                 return tensor
             recipe = _Recipe(output.norm, norm_input, output.input_version, output.shape)
             # q, k and v's adapters save views of the same output: they share one recipe
@@ -121,7 +133,7 @@ class NormRecompute:
     @staticmethod
     def held(packed: torch.Tensor | _Saved) -> torch.Tensor:
         """The tensor `packed` keeps alive until backward: itself, or its recipe's norm input
-        (which the norm saves for its own backward anyway, except where that input needs no grad)."""
+        (which autograd keeps anyway)."""
         return packed if isinstance(packed, torch.Tensor) else packed.recipe.input
 
     @staticmethod

@@ -30,9 +30,9 @@ def layers_of(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 # method, norm outputs no longer kept over the tiny llama's two layers. LoRA on q,k,v,o: the input
-# norm's; layer 0's embeddings (no grad) are kept in place of its output, so one in all. all-linear
-# adds the post-attention norms (gate/up adapters): three. full: the embeddings are saved by the
-# norm anyway, so all four.
+# norm's of layer 1 (layer 0's input, the embeddings, needs no grad and is not kept, so its output
+# is kept as it is). all-linear adds the post-attention norms (gate/up adapters): three. full: the
+# embeddings need grad, so all four.
 CASES = [
     ({"name": "lora", "r": 4, "target_modules": QKVO}, 1),
     ({"name": "lora", "r": 4, "target_modules": "all-linear"}, 3),
@@ -88,6 +88,20 @@ def test_a_norm_output_changed_in_place_before_it_is_saved_is_kept_as_it_is():
         return proj.weight.grad
 
     assert torch.equal(grads(True), grads(False))
+
+
+@pytest.mark.parametrize(("input_needs_grad", "norm_calls"), [(True, 2), (False, 1)])
+def test_only_an_output_whose_input_is_kept_anyway_is_rebuilt(input_needs_grad, norm_calls):
+    """An input nobody keeps (layer 0's embeddings) would be kept alive by the recipe in place of
+    the output: no memory saved, so the output is kept as it is and the norm is not rerun."""
+    norm, proj = torch.nn.LayerNorm(8).requires_grad_(False), torch.nn.Linear(8, 8)
+    calls = []
+    norm.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(4, 8, requires_grad=input_needs_grad)
+    with norms_recomputed([torch.nn.ModuleList([norm])]):
+        hidden = x * 2
+        proj(norm(hidden)).pow(2).sum().backward()
+    assert len(calls) == norm_calls
 
 
 def test_hooks_are_gone_after_the_block_and_no_grad_forwards_keep_nothing(tiny_tokenizer):
