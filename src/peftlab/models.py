@@ -243,7 +243,31 @@ def load_model(
         raise ModelError(f"could not load {source.description}: {exc}") from None
     if "quantization_config" not in kwargs:
         model.to(device)  # type: ignore[arg-type]
+    elif device.type == "cpu":
+        own_unquantised_weights(model)
     return model
+
+
+def own_unquantised_weights(model: torch.nn.Module) -> int:
+    """Copy a quantised CPU model's unquantised weights out of the checkpoint's memory map;
+    returns how many tensors were copied.
+
+    Its embeddings and norms are still views into the safetensors file's map, which keeps the map
+    open and, with it, the pages of every weight read for quantisation: on SmolLM2 405 MiB of the
+    513 MiB file stayed resident, counted in the run's RSS, beside a 0.16 GiB model. With no view
+    left, the map closes. (transformers' disable_mmap would instead read each whole shard into
+    memory while loading: 5 GB at once for a 7B model's shards.)
+    """
+    copied, seen = 0, set()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        # bitsandbytes' quantised parameters are Parameter subclasses holding their own new data
+        quantised = isinstance(tensor, torch.nn.Parameter) and type(tensor) is not torch.nn.Parameter
+        if id(tensor) in seen or quantised:
+            continue
+        seen.add(id(tensor))
+        tensor.data = tensor.data.clone()
+        copied += 1
+    return copied
 
 
 def read_model_config(source: ModelSource, cfg: ModelConfig) -> Any:

