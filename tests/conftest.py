@@ -7,12 +7,15 @@ embedded SmolLM2 and the real data in ../shared/data.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from peftlab.recompute import NormRecompute
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -77,7 +80,9 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> L
     return LlamaForCausalLM(config).eval()
 
 
-def saved_activation_bytes(model: torch.nn.Module, recompute: Any = None, **inputs: object) -> int:
+def saved_activation_bytes(
+    model: torch.nn.Module, recompute: NormRecompute | None = None, **inputs: object
+) -> int:
     """Distinct non-parameter bytes autograd keeps for backward in one forward of `model`; with a
     recompute.NormRecompute, what its hooks keep (the only saved-tensor hooks that run)."""
     from torch.multiprocessing.reductions import StorageWeakRef
@@ -86,8 +91,12 @@ def saved_activation_bytes(model: torch.nn.Module, recompute: Any = None, **inpu
     seen: dict[StorageWeakRef, int] = {}
 
     def pack(t: torch.Tensor) -> object:
-        packed = recompute.pack(t) if recompute is not None else t
-        held = recompute.held(packed) if recompute is not None else t
+        if recompute is None:
+            packed: object = t
+            held = t
+        else:
+            packed = recompute.pack(t)
+            held = recompute.held(packed)
         ref = StorageWeakRef(held.untyped_storage())
         if ref not in params:
             seen[ref] = held.untyped_storage().nbytes()

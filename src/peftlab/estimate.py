@@ -104,7 +104,10 @@ def estimate_memory(
     weights = sum(quantised.get(id(p), p.numel() * p.element_size()) for p in params)
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     batch, seq = cfg.train.batch_size, seq_len_of(cfg)
-    activations, checkpointed = _activation_bytes(model, batch, seq, cfg.train.recompute_norms)
+    # Recipes only in fp32: a bf16 CUDA run trains under autocast, whose adapters save a bf16 copy
+    # of the norm output (not modelled here) rather than the output a recipe could replace.
+    recompute = cfg.train.recompute_norms and dtype == torch.float32
+    activations, checkpointed = _activation_bytes(model, batch, seq, recompute)
     vocab = int(model_config.vocab_size)
     if spec.head != "causal_lm":  # class logits (B x labels): no vocabulary-sized working set
         loss_bytes = 0
@@ -261,12 +264,20 @@ def _activation_bytes(model: Any, batch: int, seq: int, recompute_norms: bool) -
     # Its hooks are asked what training would keep (only the innermost saved-tensor hooks run).
     recompute = NormRecompute(layer_norms(layers)) if recompute_norms and layers is not None else None
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        held = recompute.held(recompute.pack(t)) if recompute is not None else t
-        ref = StorageWeakRef(held.untyped_storage())
+    # Under gradient checkpointing the checkpoint's own hooks run inside the layers instead, so
+    # the layer rerun in backward keeps what it saves without recipes: counted apart.
+    plain_seen: set[StorageWeakRef] = set()
+    plain_per_layer: dict[int, int] = {}
+
+    def count(t: torch.Tensor, seen: set[StorageWeakRef], per_layer: dict[int, int]) -> None:
+        ref = StorageWeakRef(t.untyped_storage())
         if ref not in param_storages and ref not in seen:
             seen.add(ref)
-            per_layer[current[0]] = per_layer.get(current[0], 0) + held.untyped_storage().nbytes()
+            per_layer[current[0]] = per_layer.get(current[0], 0) + t.untyped_storage().nbytes()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        count(recompute.held(recompute.pack(t)) if recompute is not None else t, seen, per_layer)
+        count(t, plain_seen, plain_per_layer)
         return t
 
     hooks = []
@@ -294,7 +305,7 @@ def _activation_bytes(model: Any, batch: int, seq: int, recompute_norms: bool) -
         if recompute is not None:
             recompute.remove()
     total = sum(per_layer.values())
-    in_layers = [v for k, v in per_layer.items() if k >= 0]
+    in_layers = [v for k, v in plain_per_layer.items() if k >= 0]
     if not in_layers:
         return total, total
     checkpointed = per_layer.get(-1, 0) + sum(layer_inputs.values()) + max(in_layers)

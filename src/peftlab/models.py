@@ -256,12 +256,14 @@ def own_unquantised_weights(model: torch.nn.Module) -> int:
     open and, with it, the pages of every weight read for quantisation: on SmolLM2 405 MiB of the
     513 MiB file stayed resident, counted in the run's RSS, beside a 0.16 GiB model. With no view
     left, the map closes. (transformers' disable_mmap would instead read each whole shard into
-    memory while loading: 5 GB at once for a 7B model's shards.)
+    memory while loading: 5 GB at once for a 7B model's shards.) A checkpoint saved already
+    quantised may keep its 4-bit data in the map too; that case is left as it is.
     """
-    copied, seen = 0, set()
+    copied, seen = 0, set[int]()
     for tensor in [*model.parameters(), *model.buffers()]:
-        # bitsandbytes' quantised parameters are Parameter subclasses holding their own new data
-        quantised = isinstance(tensor, torch.nn.Parameter) and type(tensor) is not torch.nn.Parameter
+        # bitsandbytes' quantised parameters (Params4bit, Int8Params) carry quantisation state
+        # beside their data: left to bitsandbytes
+        quantised = type(tensor).__name__ in ("Params4bit", "Int8Params")
         if id(tensor) in seen or quantised:
             continue
         seen.add(id(tensor))

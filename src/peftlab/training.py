@@ -324,14 +324,15 @@ def _run(
     trimmed = layers if device.type == "cpu" else None  # heap holes (allocator.py)
     with (
         heap_trimmed_every(trimmed, cfg.train.heap_trim_layers) as trims,
-        norms_recomputed(layers if cfg.train.recompute_norms else None) as recomputed,
+        norms_recomputed(layers if cfg.train.recompute_norms else None) as recompute,
         ResourceMonitor() as monitor,
     ):
         metrics["heap_trims_per_forward"] = trims
-        metrics["norms_recomputed"] = recomputed
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - started
+    # norm outputs rebuilt in backward over the run (0 where none was worth it: bf16, checkpointing)
+    metrics["norm_outputs_recomputed"] = recompute.recipes if recompute is not None else 0
     if interrupt.requested:
         print(
             f"interrupted at step {trainer.state.global_step}; resume with: peftlab train --resume {run_dir}"

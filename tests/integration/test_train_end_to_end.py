@@ -35,6 +35,8 @@ def test_train_writes_a_complete_run_folder(tiny_run_config, tiny_model_dir, cap
     assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
     assert metrics["tokens_per_second"] > 0 and metrics["memory"]["peak_rss_bytes"] > 0
     assert metrics["heap_trims_per_forward"] == (2 if _glibc() is not None else 0)
+    # layer 1's input norm output, rebuilt once a step (layer 0's input, the embeddings, needs no grad)
+    assert metrics["norm_outputs_recomputed"] == 6
 
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     log = [r for r in lines if "loss" in r]

@@ -4,8 +4,11 @@ a norm input changed in place after the forward."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from conftest import build_tiny_llama, saved_activation_bytes
 from peftlab.config import validate_config
@@ -16,7 +19,7 @@ IDS = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def prepared(vocab: int, method: dict) -> torch.nn.Module:
+def prepared(vocab: int, method: dict[str, Any]) -> torch.nn.Module:
     cfg = validate_config({"data": {"train_path": "unused"}, "method": method})
     return get_method(method["name"]).prepare(build_tiny_llama(vocab, hidden_size=64), cfg.method).train()
 
@@ -40,20 +43,25 @@ CASES = [
 ]
 
 
+def grads_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad for p in model.parameters() if p.requires_grad]
+
+
 @pytest.mark.parametrize(("method", "outputs_dropped"), CASES, ids=["lora-qkvo", "lora-all-linear", "full"])
 def test_same_loss_and_gradients_and_less_kept(tiny_tokenizer, method, outputs_dropped):
     stock, lean = prepared(len(tiny_tokenizer), method), prepared(len(tiny_tokenizer), method)
     stock_loss = stock(input_ids=IDS, labels=IDS).loss
     stock_loss.backward()
-    with norms_recomputed(layers_of(lean)) as count:
+    with norms_recomputed(layers_of(lean)) as recompute:
         lean_loss = lean(input_ids=IDS, labels=IDS).loss
         lean_loss.backward()
-    assert count == 4  # two norms in each of the two layers
+    assert recompute is not None and len(recompute) == 4  # two norms in each of the two layers
+    assert recompute.recipes == outputs_dropped
     assert torch.equal(stock_loss, lean_loss)
-    pairs = [(a, b) for a, b in zip(stock.parameters(), lean.parameters(), strict=True) if a.requires_grad]
+    pairs = list(zip(grads_of(stock), grads_of(lean), strict=True))
     assert pairs
     for a, b in pairs:
-        assert torch.equal(a.grad, b.grad)
+        assert torch.equal(a, b)
 
     recompute = NormRecompute(layer_norms(layers_of(lean)))
     kept = saved_activation_bytes(lean, recompute, input_ids=IDS, logits_to_keep=1)
@@ -64,6 +72,92 @@ def test_same_loss_and_gradients_and_less_kept(tiny_tokenizer, method, outputs_d
     )
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_output_is_really_freed_before_backward(tiny_tokenizer, recompute):
+    """Layer 1's input norm output is gone after the forward with the hooks, alive without them."""
+    model = prepared(len(tiny_tokenizer), CASES[0][0])
+    outputs: list[StorageWeakRef] = []
+    norm = layers_of(model)[1].input_layernorm
+    norm.register_forward_hook(
+        lambda module, args, out: outputs.append(StorageWeakRef(out.untyped_storage()))
+    )
+    with norms_recomputed(layers_of(model) if recompute else None):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        assert outputs[0].expired() == recompute
+        loss.backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_tokenizer, reentrant):
+    stock, lean = (prepared(len(tiny_tokenizer), {"name": "full"}) for _ in range(2))
+    for model in (stock, lean):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    stock(input_ids=IDS, labels=IDS).loss.backward()
+    with norms_recomputed(layers_of(lean)):
+        lean(input_ids=IDS, labels=IDS).loss.backward()
+    for a, b in zip(grads_of(stock), grads_of(lean), strict=True):
+        assert torch.equal(a, b)
+
+
+class GatedNorm(torch.nn.Module):
+    """norm(x) * silu(gate), the gated RMSNorm of Mamba2-style layers: x alone cannot rebuild it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(8)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * torch.nn.functional.silu(gate)
+
+
+class GatedRMSNorm(torch.nn.RMSNorm):
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x) * torch.nn.functional.silu(gate if gate is not None else x)
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_a_norm_called_with_more_than_its_input_is_kept_as_it_is(as_keyword):
+    def grads(recompute: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        norm, proj = GatedRMSNorm(8), torch.nn.Linear(8, 8)
+        x, gate = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+        with norms_recomputed([torch.nn.ModuleList([norm])] if recompute else None) as hooks:
+            hidden = norm(x * 2, gate=gate) if as_keyword else norm(x * 2, gate)
+            proj(hidden).pow(2).sum().backward()
+        assert hooks is None or hooks.recipes == 0
+        return proj.weight.grad
+
+    assert torch.equal(grads(True), grads(False))
+
+
+def test_only_leaf_norms_without_buffers_are_rebuilt():
+    wrapper = GatedNorm()
+    layer = torch.nn.ModuleList([wrapper, torch.nn.BatchNorm1d(8), torch.nn.LayerNorm(8)])
+    assert layer_norms([layer]) == [wrapper.norm, layer[2]]
+
+
+def test_a_saved_tensor_changed_in_place_is_refused_as_autograd_would():
+    x = torch.randn(4, 8, requires_grad=True)
+    with norms_recomputed([torch.nn.ModuleList([torch.nn.LayerNorm(8)])]):
+        y = x * 2
+        z = y.sin()  # saves y
+        with torch.no_grad():
+            y.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            z.sum().backward()
+
+
+def test_a_norm_weight_changed_in_place_before_backward_is_refused():
+    norm, proj = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with norms_recomputed([torch.nn.ModuleList([norm])]):
+        out = proj(norm(x * 2)).sum()
+        with torch.no_grad():
+            norm.weight.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward()
+
+
 def test_norm_input_changed_in_place_after_the_forward_is_refused():
     norm, proj = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
     x = torch.randn(4, 8, requires_grad=True)
@@ -72,7 +166,7 @@ def test_norm_input_changed_in_place_after_the_forward_is_refused():
         out = proj(norm(hidden)).sum()
         with torch.no_grad():
             hidden.add_(1)
-        with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.backward()
 
 
@@ -116,4 +210,5 @@ def test_hooks_are_gone_after_the_block_and_no_grad_forwards_keep_nothing(tiny_t
         model(input_ids=IDS)
     assert not recompute._outputs
     recompute.remove()
-    assert norms_recomputed(None).__enter__() == 0
+    with norms_recomputed(None) as off:
+        assert off is None
