@@ -34,6 +34,7 @@ from peftlab.config import RunConfig
 from peftlab.heads import write_task_labels
 from peftlab.lean_mlp import lean_gated_mlps
 from peftlab.methods import get_method
+from peftlab.models import decoder_layers
 from peftlab.recompute import NormRecompute, layer_norms
 from peftlab.resources import tensor_bytes
 from peftlab.trainer import CHUNK_ROWS
@@ -212,17 +213,6 @@ def _optimizer_state_bytes(cfg: RunConfig, spec: Any, model: Any) -> int:
     return tensor_bytes(list(optimizer.state.values()))
 
 
-def _layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList | None:
-    """The decoder's repeated blocks: the longest ModuleList whose members share one class."""
-    best: torch.nn.ModuleList | None = None
-    for module in model.modules():
-        if not isinstance(module, torch.nn.ModuleList) or len({type(m) for m in module}) != 1:
-            continue
-        if len(module) > 1 and (best is None or len(module) > len(best)):
-            best = module
-    return best
-
-
 @contextlib.contextmanager
 def _fused_attention() -> Iterator[None]:
     """Trace attention as the fused CPU/CUDA kernels save it (output + log-sum-exp); on the meta
@@ -254,7 +244,7 @@ def _activation_bytes(model: Any, batch: int, seq: int, recompute_norms: bool) -
     if getattr(model, "is_gradient_checkpointing", False):  # traced without, derived below
         model.gradient_checkpointing_disable()
     model.train()
-    layers = _layer_stack(model)
+    layers = decoder_layers(model)  # the stack training hooks (trims, norm recipes)
     param_storages = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
     seen: set[StorageWeakRef] = set()
     per_layer: dict[int, int] = {}

@@ -76,9 +76,6 @@ class _Output:
     shape: torch.Size
     recipe: weakref.ref[_Recipe] | None = None
 
-    def shared(self) -> _Recipe | None:
-        return self.recipe() if self.recipe is not None else None
-
 
 @dataclass(frozen=True)
 class _Saved:
@@ -141,7 +138,7 @@ class NormRecompute:
     def _recipe(self, tensor: torch.Tensor, output: _Output) -> _Recipe | None:
         if tensor.dtype != output.dtype or tensor._version != output.version:
             return None
-        recipe = output.shared()
+        recipe = output.recipe() if output.recipe is not None else None
         if recipe is not None:
             return recipe
         norm_input = output.input()
