@@ -7,7 +7,7 @@ embedded SmolLM2 and the real data in ../shared/data.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -78,6 +78,15 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> L
         pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def prepared_tiny_model(vocab: int, method: dict[str, Any]) -> torch.nn.Module:
+    """A tiny llama (hidden 64) with `method` applied, in train mode."""
+    from peftlab.config import validate_config
+    from peftlab.methods import get_method
+
+    cfg = validate_config({"data": {"train_path": "unused"}, "method": method})
+    return get_method(method["name"]).prepare(build_tiny_llama(vocab, hidden_size=64), cfg.method).train()
 
 
 def saved_activation_bytes(

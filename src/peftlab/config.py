@@ -196,6 +196,12 @@ class TrainConfig(Section):
         "on q/k/v) are rebuilt from the norm's input in backward instead: less memory (141 MB on "
         "SmolLM2-135M LoRA at 512 x 4), the same values.",
     )
+    causal_attention_blocks: bool = Field(
+        True,
+        description="CPU runs at 256-512 tokens compute causal attention in 128-query blocks, each "
+        "against the keys before it, so the masked half is skipped (PyTorch's CPU kernel computes "
+        "it); the same values to float rounding.",
+    )
 
 
 DEFAULT_FORGETTING_TEXT = "../shared/data/wikitext-2-raw-v1/wiki.test.raw"

@@ -22,6 +22,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from peftlab.allocator import heap_trimmed_every, return_freed_heap, tame_glibc_malloc
 from peftlab.callbacks import JsonlLogger, LossProgressBar, MemorySplit, read_log
+from peftlab.causal_blocks import causal_attention_in_blocks
 from peftlab.config import RunConfig
 from peftlab.data.task import TaskData, build_task_data
 from peftlab.estimate import seq_len_key, seq_len_of
@@ -322,9 +323,11 @@ def _run(
     return_freed_heap()  # what loading and the base evaluation freed (allocator.py)
     layers = decoder_layers(model)
     trimmed = layers if device.type == "cpu" else None  # heap holes (allocator.py)
+    blocked = device.type == "cpu" and cfg.train.causal_attention_blocks  # causal_blocks.py
     with (
         heap_trimmed_every(trimmed, cfg.train.heap_trim_layers) as trims,
         norms_recomputed(layers if cfg.train.recompute_norms else None) as recompute,
+        causal_attention_in_blocks(model if blocked else None) as attention_blocks,
         ResourceMonitor() as monitor,
     ):
         metrics["heap_trims_per_forward"] = trims
@@ -333,6 +336,8 @@ def _run(
         train_seconds = time.perf_counter() - started
     # norm outputs rebuilt in backward over the run (0 where none was worth it: bf16, checkpointing)
     metrics["norm_outputs_recomputed"] = recompute.recipes if recompute is not None else 0
+    # attention calls that skipped the masked half (0 off the CPU, or outside 256-512 tokens)
+    metrics["attention_calls_in_blocks"] = attention_blocks.calls if attention_blocks is not None else 0
     if interrupt.requested:
         print(
             f"interrupted at step {trainer.state.global_step}; resume with: peftlab train --resume {run_dir}"

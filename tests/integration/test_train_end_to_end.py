@@ -37,6 +37,7 @@ def test_train_writes_a_complete_run_folder(tiny_run_config, tiny_model_dir, cap
     assert metrics["heap_trims_per_forward"] == (2 if _glibc() is not None else 0)
     # layer 1's input norm output, rebuilt once a step (layer 0's input, the embeddings, needs no grad)
     assert metrics["norm_outputs_recomputed"] == 6
+    assert metrics["attention_calls_in_blocks"] == 0  # 32-token blocks: too short to gain from blocks
 
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     log = [r for r in lines if "loss" in r]
@@ -60,6 +61,20 @@ def test_train_writes_a_complete_run_folder(tiny_run_config, tiny_model_dir, cap
     assert any(torch.count_nonzero(t) for name, t in adapter.items() if "lora_B" in name)
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     assert not torch.allclose(loaded(ids).logits, plain(ids).logits), "adapter must change the output"
+
+
+def test_a_cpu_run_at_256_tokens_computes_attention_in_blocks(tiny_run_config):
+    """causal_blocks.py on the training path: every training forward's attention goes in blocks."""
+    tiny_run_config["data"]["block_size"] = 256
+    tiny_run_config["train"].update(max_steps=2, batch_size=1)
+    tiny_run_config["eval"]["enabled"] = False
+    result = train(validate_config(tiny_run_config), progress=False)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    held_out = json.loads((result.run_dir / "manifest.json").read_text())["data"]["validation_blocks"]
+    # 2 layers x (2 training steps + the end-of-epoch validation pass, one block a batch)
+    assert metrics["attention_calls_in_blocks"] == 2 * (2 + held_out)
+    assert metrics["train_steps"] == 2 and metrics["final_eval_loss"] > 0
+
 
 
 def test_saved_config_reproduces_the_run_bitwise(tiny_run_config):

@@ -4,24 +4,15 @@ a norm input changed in place after the forward."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from conftest import build_tiny_llama, saved_activation_bytes
-from peftlab.config import validate_config
-from peftlab.methods import get_method
+from conftest import prepared_tiny_model, saved_activation_bytes
 from peftlab.recompute import NormRecompute, layer_norms, norms_recomputed
 
 IDS = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def prepared(vocab: int, method: dict[str, Any]) -> torch.nn.Module:
-    cfg = validate_config({"data": {"train_path": "unused"}, "method": method})
-    return get_method(method["name"]).prepare(build_tiny_llama(vocab, hidden_size=64), cfg.method).train()
 
 
 def layers_of(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -49,7 +40,10 @@ def grads_of(model: torch.nn.Module) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(("method", "outputs_dropped"), CASES, ids=["lora-qkvo", "lora-all-linear", "full"])
 def test_same_loss_and_gradients_and_less_kept(tiny_tokenizer, method, outputs_dropped):
-    stock, lean = prepared(len(tiny_tokenizer), method), prepared(len(tiny_tokenizer), method)
+    stock, lean = (
+        prepared_tiny_model(len(tiny_tokenizer), method),
+        prepared_tiny_model(len(tiny_tokenizer), method),
+    )
     stock_loss = stock(input_ids=IDS, labels=IDS).loss
     stock_loss.backward()
     with norms_recomputed(layers_of(lean)) as recompute:
@@ -75,7 +69,7 @@ def test_same_loss_and_gradients_and_less_kept(tiny_tokenizer, method, outputs_d
 @pytest.mark.parametrize("recompute", [False, True])
 def test_the_output_is_really_freed_before_backward(tiny_tokenizer, recompute):
     """Layer 1's input norm output is gone after the forward with the hooks, alive without them."""
-    model = prepared(len(tiny_tokenizer), CASES[0][0])
+    model = prepared_tiny_model(len(tiny_tokenizer), CASES[0][0])
     outputs: list[StorageWeakRef] = []
     norm = layers_of(model)[1].input_layernorm
     norm.register_forward_hook(
@@ -89,7 +83,7 @@ def test_the_output_is_really_freed_before_backward(tiny_tokenizer, recompute):
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_tokenizer, reentrant):
-    stock, lean = (prepared(len(tiny_tokenizer), {"name": "full"}) for _ in range(2))
+    stock, lean = (prepared_tiny_model(len(tiny_tokenizer), {"name": "full"}) for _ in range(2))
     for model in (stock, lean):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     stock(input_ids=IDS, labels=IDS).loss.backward()
@@ -199,7 +193,7 @@ def test_only_an_output_whose_input_is_kept_anyway_is_rebuilt(input_needs_grad, 
 
 
 def test_hooks_are_gone_after_the_block_and_no_grad_forwards_keep_nothing(tiny_tokenizer):
-    model = prepared(len(tiny_tokenizer), CASES[0][0])
+    model = prepared_tiny_model(len(tiny_tokenizer), CASES[0][0])
     norms = layer_norms(layers_of(model))
     with norms_recomputed(layers_of(model)):
         assert all(len(n._forward_hooks) == 1 for n in norms)
