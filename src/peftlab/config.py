@@ -196,6 +196,12 @@ class TrainConfig(Section):
         "on q/k/v) are rebuilt from the norm's input in backward instead: less memory (141 MB on "
         "SmolLM2-135M LoRA at 512 x 4), the same values.",
     )
+    onednn_forward: bool = Field(
+        True,
+        description="CPU fp32 runs compute frozen linear layers' forward (and the chunked loss's "
+        "logits) on oneDNN, which PyTorch ships, instead of MKL: 14-21% faster matmuls measured on "
+        "an AMD EPYC; the same values to fp32 rounding.",
+    )
     causal_attention_blocks: bool = Field(
         True,
         description="CPU runs at 256-512 tokens compute causal attention in 128-query blocks, each "

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.cpu_matmul import matmul_nt
+
 IGNORE_INDEX = -100
 
 
@@ -50,11 +52,12 @@ def _chunk_softmax_t(
     Returns (exp_t (V, c), its column sums (c,), each row's NLL (c,), whether each row's target has
     the largest logit (c,), the column indices (c,)). MKL runs weight @ rows.T at least as fast as
     rows @ weight.T for this shape (c << V, H small; up to ~1.4x measured on SmolLM2's 49,152 x 576
-    head, fp32 CPU), and the reductions below then run across contiguous rows. The softmax runs in
+    head, fp32 CPU; in training it runs on oneDNN, cpu_matmul.py), and the reductions below then
+    run across contiguous rows. The softmax runs in
     place (max, subtract, exp, sum): no full-size temporaries and one exp pass (torch.logsumexp
     allocates two and the softmax would need a second exp).
     """
-    logits_t = (weight @ rows.T).float()  # (V, c): the stock loss also upcasts to fp32
+    logits_t = matmul_nt(weight, rows).float()  # (V, c): the stock loss also upcasts to fp32
     cols = torch.arange(len(target), device=logits_t.device)
     picked = logits_t[target, cols]  # (c,) logit of each row's target
     row_max = logits_t.amax(dim=0)  # (c,)

@@ -24,6 +24,7 @@ from peftlab.allocator import heap_trimmed_every, return_freed_heap, tame_glibc_
 from peftlab.callbacks import JsonlLogger, LossProgressBar, MemorySplit, read_log
 from peftlab.causal_blocks import causal_attention_in_blocks
 from peftlab.config import RunConfig
+from peftlab.cpu_matmul import frozen_linears_on_onednn
 from peftlab.data.task import TaskData, build_task_data
 from peftlab.estimate import seq_len_key, seq_len_of
 from peftlab.evaluation.runner import (
@@ -324,10 +325,12 @@ def _run(
     layers = decoder_layers(model)
     trimmed = layers if device.type == "cpu" else None  # heap holes (allocator.py)
     blocked = device.type == "cpu" and cfg.train.causal_attention_blocks  # causal_blocks.py
+    onednn = device.type == "cpu" and cfg.train.onednn_forward  # cpu_matmul.py
     with (
         heap_trimmed_every(trimmed, cfg.train.heap_trim_layers) as trims,
         norms_recomputed(layers if cfg.train.recompute_norms else None) as recompute,
         causal_attention_in_blocks(model if blocked else None) as attention_blocks,
+        frozen_linears_on_onednn(model if onednn else None) as metrics["onednn_linear_layers"],
         ResourceMonitor() as monitor,
     ):
         metrics["heap_trims_per_forward"] = trims

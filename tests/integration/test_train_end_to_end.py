@@ -38,6 +38,8 @@ def test_train_writes_a_complete_run_folder(tiny_run_config, tiny_model_dir, cap
     # layer 1's input norm output, rebuilt once a step (layer 0's input, the embeddings, needs no grad)
     assert metrics["norm_outputs_recomputed"] == 6
     assert metrics["attention_calls_in_blocks"] == 0  # 32-token blocks: too short to gain from blocks
+    # frozen linears on oneDNN: 2 layers x (q, k, v, o base layers, gate, up, down) + the tied lm_head
+    assert metrics["onednn_linear_layers"] == 2 * 7 + 1
 
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     log = [r for r in lines if "loss" in r]
@@ -74,7 +76,6 @@ def test_a_cpu_run_at_256_tokens_computes_attention_in_blocks(tiny_run_config):
     # 2 layers x (2 training steps + the end-of-epoch validation pass, one block a batch)
     assert metrics["attention_calls_in_blocks"] == 2 * (2 + held_out)
     assert metrics["train_steps"] == 2 and metrics["final_eval_loss"] > 0
-
 
 
 def test_saved_config_reproduces_the_run_bitwise(tiny_run_config):
