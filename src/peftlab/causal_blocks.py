@@ -5,7 +5,8 @@ time, so at 512 tokens or fewer a causal forward and backward cost as much as fu
 (measured here: 29.9 ms causal against 29.0 ms full forward for 4 x 9 heads x 512 x 64).
 `_CausalBlocks` runs the same kernel once per block of 128 queries, each against only the keys
 before it (its key prefix, with an additive mask on the diagonal block), so the work falls to
-10/16 of the square at 512 tokens: 93.5 -> 62 ms forward + backward per layer on SmolLM2 shapes.
+10/16 of the square at 512 tokens: 105-112 -> 84 ms forward + backward per layer on SmolLM2's
+shapes (4 x 9 query heads, 3 key/value heads, 512 x 64).
 
 Backward calls the kernel's own backward per block with that block's rows of the output and of
 the log-sum-exp: those are all a block's gradients depend on (the same split ring attention
@@ -15,24 +16,23 @@ o_proj reads, the log-sum-exp), so the estimator's trace of stock SDPA holds for
 
 Nothing in torch or transformers offers this on the CPU (flex attention's block masks need
 torch.compile; CUDA's flash kernels already skip masked tiles), so it is written here and used
-through transformers' documented AttentionInterface. Anything it does not cover (a mask,
-dropout, another device, other lengths) goes to transformers' own SDPA path unchanged.
+in place of transformers' "sdpa" attention function while training. Anything it does not cover
+(a mask: padded or packed batches, sliding windows; dropout; another device; other lengths)
+goes to transformers' own SDPA path unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-NAME = "peftlab_causal_blocks"
 BLOCK_ROWS = 128
 # The CPU kernel's key block: longer sequences already skip whole masked key blocks (measured
 # no faster in query blocks at 1024 and 2048 tokens), shorter ones than two blocks gain nothing.
@@ -75,7 +75,7 @@ class _CausalBlocks(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...] | Any:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, value, out, lse = ctx.saved_tensors
         grad_query = torch.empty_like(query)
         grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
@@ -104,10 +104,13 @@ def causal_blocks_apply(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     seq = query.shape[2]
     return (
         query.device.type == "cpu"
-        and key.shape[2] == seq
+        and key.shape[2] == value.shape[2] == seq
         and 2 * BLOCK_ROWS <= seq <= KERNEL_KEY_BLOCK
         and query.dtype == key.dtype == value.dtype
-        and query.shape[-1] == key.shape[-1]
+        and query.shape[-1] == key.shape[-1] == value.shape[-1]  # the flash kernel's one head size
+        and query.shape[0] == key.shape[0] == value.shape[0]  # no broadcast batch
+        and query.shape[1] % key.shape[1] == 0
+        and all(t.stride(-1) == 1 for t in (query, key, value))  # the kernel reads rows as dense
     )
 
 
@@ -122,7 +125,8 @@ def causal_blocks_attention(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature; falls back to its SDPA path when not covered."""
+    """transformers' attention-function signature; what it does not cover goes to the "sdpa"
+    function it replaced (transformers' own unless something else had replaced it)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     plain = (
         causal
@@ -135,7 +139,8 @@ def causal_blocks_attention(
         if _tally:
             _tally[-1].calls += 1
         return _CausalBlocks.apply(query, key, value, scaling), None
-    return sdpa_attention_forward(
+    stock = _fallback[-1] if _fallback else sdpa_attention_forward  # what this block replaced
+    return stock(
         module,
         query,
         key,
@@ -148,34 +153,38 @@ def causal_blocks_attention(
     )
 
 
-AttentionInterface.register(NAME, causal_blocks_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # masks built exactly as for sdpa
-
-
-@dataclass
+@dataclass(eq=False)
 class BlockedCalls:
     """How many attention calls went in query blocks while `causal_attention_in_blocks` was on."""
 
     calls: int = 0
 
 
-_tally: list[BlockedCalls] = []  # the active block's tally (a list: set and reset in one place)
+_tally: list[BlockedCalls] = []  # the innermost active block's tally is last
+_fallback: list[Callable[..., Any]] = []  # the "sdpa" function each active block replaced
 
 
 @contextlib.contextmanager
-def causal_attention_in_blocks(model: torch.nn.Module | None) -> Iterator[BlockedCalls | None]:
-    """Within the block, a model on SDPA attention uses `causal_blocks_attention`; yields the tally
-    of blocked calls, or None where nothing was switched (no model, eager or flash attention)."""
-    get_base = getattr(model, "get_base_model", None)  # under a peft wrapper
-    base: Any = get_base() if callable(get_base) else model
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+def causal_attention_in_blocks(enabled: bool) -> Iterator[BlockedCalls | None]:
+    """Within the block, transformers' "sdpa" attention function is `causal_blocks_attention`
+    (which hands what it does not cover to the function it replaced); yields the tally of blocked
+    calls, or None when not enabled. The model's configured implementation is left as it is, so
+    mask building and every check a model makes for "sdpa" stay the same; models on eager or
+    flash attention never call it."""
+    if not enabled:
         yield None
         return
-    base.set_attn_implementation(NAME)
-    _tally.append(tally := BlockedCalls())
+    replaced = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    tally = BlockedCalls()
+    _fallback.append(replaced)
+    _tally.append(tally)
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = causal_blocks_attention
     try:
         yield tally
     finally:
-        _tally.remove(tally)
-        base.set_attn_implementation("sdpa")
+        _tally.pop()
+        _fallback.pop()
+        if replaced is AttentionInterface._global_mapping["sdpa"]:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]  # no local override was there before
+        else:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = replaced

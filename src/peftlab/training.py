@@ -329,7 +329,7 @@ def _run(
     with (
         heap_trimmed_every(trimmed, cfg.train.heap_trim_layers) as trims,
         norms_recomputed(layers if cfg.train.recompute_norms else None) as recompute,
-        causal_attention_in_blocks(model if blocked else None) as attention_blocks,
+        causal_attention_in_blocks(blocked) as attention_blocks,
         frozen_linears_on_onednn(model if onednn else None) as metrics["onednn_linear_layers"],
         ResourceMonitor() as monitor,
     ):
@@ -339,7 +339,8 @@ def _run(
         train_seconds = time.perf_counter() - started
     # norm outputs rebuilt in backward over the run (0 where none was worth it: bf16, checkpointing)
     metrics["norm_outputs_recomputed"] = recompute.recipes if recompute is not None else 0
-    # attention calls that skipped the masked half (0 off the CPU, or outside 256-512 tokens)
+    # attention calls that skipped the masked half, training and validation forwards alike (0 off
+    # the CPU, outside 256-512 tokens, or with an attention mask: padded or packed batches)
     metrics["attention_calls_in_blocks"] = attention_blocks.calls if attention_blocks is not None else 0
     if interrupt.requested:
         print(

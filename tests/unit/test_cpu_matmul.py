@@ -3,7 +3,11 @@ gradients to fp32 rounding, frozen weights stay frozen, everything restored on e
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from conftest import prepared_tiny_model
 from peftlab import cpu_matmul
@@ -12,12 +16,14 @@ from peftlab.cpu_matmul import frozen_linears_on_onednn, matmul_nt
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def _spy(monkeypatch) -> list[tuple[int, ...]]:
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Records the weight shape of every oneDNN call."""
     calls: list[tuple[int, ...]] = []
     kernel = cpu_matmul._linear_pointwise
-    assert kernel is not None, "this torch build ships oneDNN's linear"
+    if kernel is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN linear: the switch stays off")
 
-    def spy(x, w, *args):
+    def spy(x: torch.Tensor, w: torch.Tensor, *args: Any) -> torch.Tensor:
         calls.append(tuple(w.shape))
         return kernel(x, w, *args)
 
@@ -25,14 +31,18 @@ def _spy(monkeypatch) -> list[tuple[int, ...]]:
     return calls
 
 
-def _loss_and_grads(model, ids):
+def _loss_and_grads(
+    model: torch.nn.Module, ids: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_lora_trains_the_same_with_frozen_layers_on_onednn(tiny_tokenizer, monkeypatch):
+def test_lora_trains_the_same_with_frozen_layers_on_onednn(
+    tiny_tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = prepared_tiny_model(
         len(tiny_tokenizer), {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": QKVO}
     )
@@ -57,7 +67,9 @@ def test_lora_trains_the_same_with_frozen_layers_on_onednn(tiny_tokenizer, monke
     assert calls == []
 
 
-def test_trainable_layers_and_odd_inputs_stay_on_torch(tiny_tokenizer, monkeypatch):
+def test_trainable_layers_and_odd_inputs_stay_on_torch(
+    tiny_tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
     full = prepared_tiny_model(len(tiny_tokenizer), {"name": "full"})
     with frozen_linears_on_onednn(full) as switched:
         assert switched == 0  # every weight trains: its gradient needs the stock backward
@@ -74,7 +86,41 @@ def test_trainable_layers_and_odd_inputs_stay_on_torch(tiny_tokenizer, monkeypat
         assert switched == 0
 
 
-def test_matmul_nt_is_a_times_b_transposed_on_either_kernel(monkeypatch):
+def test_a_trainable_bias_under_a_frozen_weight_keeps_its_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA's bias="all" trains biases of frozen layers: such a layer stays on F.linear, also when
+    its bias is unfrozen after the switch."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    layer.weight.requires_grad_(False)
+    frozen = torch.nn.Linear(8, 4).requires_grad_(False)
+    calls = _spy(monkeypatch)
+    x = torch.randn(6, 8)
+    with frozen_linears_on_onednn(torch.nn.Sequential(layer, frozen)) as switched:
+        assert switched == 1  # `frozen` only
+        layer(x).sum().backward()
+        assert layer.bias.grad is not None and torch.equal(layer.bias.grad, torch.full((4,), 6.0))
+        frozen.bias.requires_grad_(True)  # unfrozen after the switch
+        frozen(x).sum().backward()
+        assert calls == [] and torch.equal(frozen.bias.grad, torch.full((4,), 6.0))
+
+
+def test_forwards_come_back_when_the_block_raises_and_other_patches_are_left() -> None:
+    layer = torch.nn.Linear(8, 4).requires_grad_(False)
+    patched = torch.nn.Linear(8, 4).requires_grad_(False)
+
+    def theirs(x: torch.Tensor) -> torch.Tensor:  # e.g. accelerate's hook wrapper
+        return x
+
+    patched.forward = theirs  # type: ignore[method-assign]
+    model = torch.nn.Sequential(layer, patched)
+    with pytest.raises(RuntimeError, match="stop"), frozen_linears_on_onednn(model) as switched:
+        assert switched == 1 and "forward" in vars(layer)
+        raise RuntimeError("stop")
+    assert "forward" not in vars(layer) and patched.forward is theirs
+    assert not cpu_matmul._active
+
+
+def test_matmul_nt_is_a_times_b_transposed_on_either_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = torch.randn(50, 16), torch.randn(7, 16)
     calls = _spy(monkeypatch)
     outside = matmul_nt(a, b)
