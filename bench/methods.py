@@ -43,7 +43,7 @@ CASES = {
 
 def run_peftlab(case: str, steps: int, out_dir: Path, eval_tokens: int = 0, **train_extra: object) -> dict:
     """peftlab's own train(); with eval_tokens, held-out perplexity on that many wiki.test.raw tokens."""
-    from peftlab.config import validate_config
+    from peftlab.config_loading import validate_config
     from peftlab.training import train
 
     cfg = validate_config(

@@ -72,7 +72,7 @@ def run_naive(steps: int, out_dir: Path) -> dict:
 
 
 def lora_flops_per_token() -> float:
-    from peftlab.config import validate_config
+    from peftlab.config_loading import validate_config
     from peftlab.estimate import estimate_memory
     from peftlab.fit import flops_per_token
     from peftlab.models import read_model_config, resolve_source

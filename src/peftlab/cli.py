@@ -18,7 +18,7 @@ def _preset(name: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from peftlab.config import load_config
+    from peftlab.config_loading import load_config
     from peftlab.reports.table import before_after_rows, render_text
     from peftlab.training import train
 
@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from peftlab.config import load_config
+    from peftlab.config_loading import load_config
     from peftlab.reports.table import before_after_rows, render_markdown, render_text
     from peftlab.runs import atomic_write_text
     from peftlab.training import train
@@ -69,7 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from peftlab.config import load_config
+    from peftlab.config_loading import load_config
     from peftlab.fit import GPUS, plan, render, train_tokens
     from peftlab.models import read_model_config, resolve_source
 
@@ -118,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise PeftlabError("--model needs --config CONFIG (the data and evaluation settings)")
     if args.run_dir is not None:  # argparse puts the first override into run_dir
         overrides.insert(0, args.run_dir)
-    from peftlab.config import load_config
+    from peftlab.config_loading import load_config
     from peftlab.evaluation.standalone import evaluate_base_model
 
     if args.model is not None:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import EVAL_TEXT
 from peftlab.cli import main
-from peftlab.config import validate_config
+from peftlab.config_loading import validate_config
 from peftlab.evaluation.generation import generate_greedy
 from peftlab.training import train
 

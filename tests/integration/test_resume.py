@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from peftlab.cli import main
-from peftlab.config import validate_config
+from peftlab.config_loading import validate_config
 from peftlab.resume import COMPLETE_MARKER
 from peftlab.training import train
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.config import validate_config
+from peftlab.config_loading import validate_config
 from peftlab.errors import PeftlabError
 from peftlab.runs import load_run
 from peftlab.training import train

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from conftest import EVAL_TEXT
 from peftlab.cli import main
-from peftlab.config import validate_config
+from peftlab.config_loading import validate_config
 from peftlab.heads import NO_LM_HEAD
 from peftlab.training import train
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from peftlab.config import validate_config
+from peftlab.config_loading import validate_config
 from peftlab.training import train
 
 CHAT = [

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from peftlab.allocator import _glibc
 from peftlab.cli import main
-from peftlab.config import load_config, validate_config
+from peftlab.config_loading import load_config, validate_config
 from peftlab.training import train
 
 

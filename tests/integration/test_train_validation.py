@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from peftlab.config import validate_config
+from peftlab.config_loading import validate_config
 from peftlab.data.task import build_task_data
 from peftlab.training import train
 

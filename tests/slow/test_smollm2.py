@@ -8,7 +8,8 @@ import torch
 
 from conftest import SHARED_DATA
 from peftlab.callbacks import read_log
-from peftlab.config import ModelConfig, load_config
+from peftlab.config import ModelConfig
+from peftlab.config_loading import load_config
 from peftlab.models import load_model, load_tokenizer, resolve_source
 from peftlab.training import train
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama
-from peftlab.config import DataConfig, validate_config
+from peftlab.config import DataConfig
+from peftlab.config_loading import validate_config
 from peftlab.data.classes import ClassCollator, ClassDataset, tokenize_classes
 from peftlab.errors import ConfigError, DataError
 from peftlab.estimate import estimate_memory

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from peftlab.config import load_config
+from peftlab.config_loading import load_config
 from peftlab.data.task import build_task_data
 from peftlab.evaluation.runner import build_eval_inputs
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import Trainer
 
-from peftlab.config import RunConfig, validate_config
+from peftlab.config import RunConfig
+from peftlab.config_loading import validate_config
 from peftlab.errors import FitError
 from peftlab.estimate import MemoryEstimate, _activation_bytes, estimate_memory
 from peftlab.fit import flops_per_token, plan

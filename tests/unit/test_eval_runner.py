@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import EVAL_TEXT, build_tiny_llama
-from peftlab.config import validate_config
+from peftlab.config_loading import validate_config
 from peftlab.data.task import build_task_data
 from peftlab.errors import DataError
 from peftlab.evaluation import runner

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, GemmaConfig, GemmaForCausalLM
 
-from peftlab.config import validate_config
+from peftlab.config_loading import validate_config
 from peftlab.estimate import estimate_memory
 from peftlab.lean_mlp import SiluMul, lean_gated_mlps
 from peftlab.methods import get_method

@@ -16,7 +16,8 @@ from peft import PeftModel
 from transformers import Trainer
 
 from conftest import build_tiny_llama
-from peftlab.config import RunConfig, validate_config
+from peftlab.config import RunConfig
+from peftlab.config_loading import validate_config
 from peftlab.heads import write_task_labels
 from peftlab.methods import get_method, method_names
 from peftlab.models import ModelSource, load_model

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from peftlab.config import validate_config
+from peftlab.config_loading import validate_config
 from peftlab.errors import ConfigError, MethodError
 from peftlab.methods import get_method, method_names
 from peftlab.params import count_parameters

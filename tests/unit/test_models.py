@@ -56,7 +56,7 @@ def test_a_quantised_cpu_load_lets_the_checkpoint_map_close(tmp_path, tiny_token
     import gc
 
     from conftest import build_tiny_llama
-    from peftlab.config import validate_config
+    from peftlab.config_loading import validate_config
     from peftlab.methods import get_method
     from peftlab.models import ModelSource, load_model
 

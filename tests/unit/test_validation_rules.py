@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from peftlab.config import TrainConfig, validate_config
+from peftlab.config import TrainConfig
+from peftlab.config_loading import validate_config
 from peftlab.errors import ConfigError
 from peftlab.validation import KeepNewestAndBest, evaluation_arguments
 

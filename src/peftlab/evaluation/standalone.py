@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from peftlab.config import RunConfig, load_config
+from peftlab.config import RunConfig
+from peftlab.config_loading import load_config
 from peftlab.data.task import build_task_data
 from peftlab.errors import PeftlabError
 from peftlab.evaluation.runner import (
