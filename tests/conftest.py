@@ -89,6 +89,15 @@ def prepared_tiny_model(vocab: int, method: dict[str, Any]) -> torch.nn.Module:
     return get_method(method["name"]).prepare(build_tiny_llama(vocab, hidden_size=64), cfg.method).train()
 
 
+def loss_and_grads(model: torch.nn.Module, **inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward from zeroed gradients: the loss and every parameter's gradient
+    (only the parameters that got one: frozen weights get none)."""
+    model.zero_grad()
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def saved_activation_bytes(
     model: torch.nn.Module, recompute: NormRecompute | None = None, **inputs: object
 ) -> int:

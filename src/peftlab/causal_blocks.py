@@ -78,10 +78,11 @@ class _CausalBlocks(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, value, out, lse = ctx.saved_tensors
         grad_query = torch.empty_like(query)
-        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
-        for start, end in ctx.blocks:
+        grad_key: torch.Tensor | None = None  # the last block's (whole-prefix) gradients, then +=
+        grad_value: torch.Tensor | None = None
+        for start, end in reversed(ctx.blocks):
             mask = _diagonal_mask(start, end, query.dtype, query.device.type)
-            block_grads = _flash_backward(
+            block_query, block_key, block_value = _flash_backward(
                 grad_out[:, start:end].transpose(1, 2),
                 query[:, :, start:end],
                 key[:, :, :end],
@@ -93,9 +94,12 @@ class _CausalBlocks(torch.autograd.Function):
                 attn_mask=mask,
                 scale=ctx.scale,
             )
-            grad_query[:, :, start:end] = block_grads[0]
-            grad_key[:, :, :end] += block_grads[1]
-            grad_value[:, :, :end] += block_grads[2]
+            grad_query[:, :, start:end] = block_query
+            if grad_key is None or grad_value is None:
+                grad_key, grad_value = block_key, block_value
+            else:
+                grad_key[:, :, :end] += block_key
+                grad_value[:, :, :end] += block_value
         return grad_query, grad_key, grad_value, None
 
 
@@ -136,10 +140,10 @@ def causal_blocks_attention(
         and not kwargs.get("output_attentions", False)
     )
     if plain and causal_blocks_apply(query, key, value):
-        if _tally:
-            _tally[-1].calls += 1
+        if _active:
+            _active[-1].calls += 1
         return _CausalBlocks.apply(query, key, value, scaling), None
-    stock = _fallback[-1] if _fallback else sdpa_attention_forward  # what this block replaced
+    stock = _active[-1].replaced if _active else sdpa_attention_forward
     return stock(
         module,
         query,
@@ -155,13 +159,14 @@ def causal_blocks_attention(
 
 @dataclass(eq=False)
 class BlockedCalls:
-    """How many attention calls went in query blocks while `causal_attention_in_blocks` was on."""
+    """An active `causal_attention_in_blocks`: the "sdpa" function it replaced, and how many
+    attention calls went in query blocks meanwhile."""
 
+    replaced: Callable[..., Any]
     calls: int = 0
 
 
-_tally: list[BlockedCalls] = []  # the innermost active block's tally is last
-_fallback: list[Callable[..., Any]] = []  # the "sdpa" function each active block replaced
+_active: list[BlockedCalls] = []  # the innermost active block is last
 
 
 @contextlib.contextmanager
@@ -175,15 +180,13 @@ def causal_attention_in_blocks(enabled: bool) -> Iterator[BlockedCalls | None]:
         yield None
         return
     replaced = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    tally = BlockedCalls()
-    _fallback.append(replaced)
-    _tally.append(tally)
+    tally = BlockedCalls(replaced)
+    _active.append(tally)
     ALL_ATTENTION_FUNCTIONS["sdpa"] = causal_blocks_attention
     try:
         yield tally
     finally:
-        _tally.pop()
-        _fallback.pop()
+        _active.pop()
         if replaced is AttentionInterface._global_mapping["sdpa"]:
             del ALL_ATTENTION_FUNCTIONS["sdpa"]  # no local override was there before
         else:

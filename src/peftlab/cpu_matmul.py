@@ -94,14 +94,14 @@ def frozen_linears_on_onednn(model: nn.Module | None) -> Iterator[int]:
         and _frozen(module)
         and onednn_usable(module.weight)
     ]
+    if model is not None:
+        _active.append(True)
     try:
         for module in switched:
             module.forward = types.MethodType(_onednn_forward, module)  # type: ignore[method-assign]
-        if model is not None:
-            _active.append(True)
         yield len(switched)
     finally:
-        if model is not None and _active:
+        if model is not None:
             _active.pop()
         for module in switched:
             vars(module).pop("forward", None)  # back to the class's own forward

@@ -53,9 +53,9 @@ def _chunk_softmax_t(
     the largest logit (c,), the column indices (c,)). MKL runs weight @ rows.T at least as fast as
     rows @ weight.T for this shape (c << V, H small; up to ~1.4x measured on SmolLM2's 49,152 x 576
     head, fp32 CPU; in training it runs on oneDNN, cpu_matmul.py), and the reductions below then
-    run across contiguous rows. The softmax runs in
-    place (max, subtract, exp, sum): no full-size temporaries and one exp pass (torch.logsumexp
-    allocates two and the softmax would need a second exp).
+    run across contiguous rows. The softmax runs in place (max, subtract, exp, sum): no full-size
+    temporaries and one exp pass (torch.logsumexp allocates two and the softmax would need a
+    second exp).
     """
     logits_t = matmul_nt(weight, rows).float()  # (V, c): the stock loss also upcasts to fp32
     cols = torch.arange(len(target), device=logits_t.device)

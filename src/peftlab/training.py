@@ -330,10 +330,11 @@ def _run(
         heap_trimmed_every(trimmed, cfg.train.heap_trim_layers) as trims,
         norms_recomputed(layers if cfg.train.recompute_norms else None) as recompute,
         causal_attention_in_blocks(blocked) as attention_blocks,
-        frozen_linears_on_onednn(model if onednn else None) as metrics["onednn_linear_layers"],
+        frozen_linears_on_onednn(model if onednn else None) as onednn_layers,
         ResourceMonitor() as monitor,
     ):
         metrics["heap_trims_per_forward"] = trims
+        metrics["onednn_linear_layers"] = onednn_layers
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - started

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from conftest import build_tiny_llama, prepared_tiny_model, saved_activation_bytes
+from conftest import build_tiny_llama, loss_and_grads, prepared_tiny_model, saved_activation_bytes
 from peftlab import causal_blocks
 from peftlab.causal_blocks import (
     _CausalBlocks,
@@ -81,22 +81,13 @@ def _lora_model(
     )
 
 
-def _loss_and_lora_grads(
-    model: torch.nn.Module, **inputs: Any
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    loss = model(**inputs).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_a_lora_model_trains_the_same_in_blocks(tiny_tokenizer):
     model = _lora_model(tiny_tokenizer)
     ids = torch.randint(3, len(tiny_tokenizer), (2, 256))
-    loss, grads = _loss_and_lora_grads(model, input_ids=ids, labels=ids)
+    loss, grads = loss_and_grads(model, input_ids=ids, labels=ids)
     with causal_attention_in_blocks(True) as tally:
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is causal_blocks_attention
-        blocked_loss, blocked_grads = _loss_and_lora_grads(model, input_ids=ids, labels=ids)
+        blocked_loss, blocked_grads = loss_and_grads(model, input_ids=ids, labels=ids)
     assert tally is not None and tally.calls == 2  # one call per decoder layer
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward  # restored on exit
     assert model.get_base_model().config._attn_implementation == "sdpa"  # never renamed

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from conftest import prepared_tiny_model
+from conftest import loss_and_grads, prepared_tiny_model
 from peftlab import cpu_matmul
 from peftlab.cpu_matmul import frozen_linears_on_onednn, matmul_nt
 
@@ -31,15 +31,6 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     return calls
 
 
-def _loss_and_grads(
-    model: torch.nn.Module, ids: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_lora_trains_the_same_with_frozen_layers_on_onednn(
     tiny_tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -47,10 +38,10 @@ def test_lora_trains_the_same_with_frozen_layers_on_onednn(
         len(tiny_tokenizer), {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": QKVO}
     )
     ids = torch.randint(3, len(tiny_tokenizer), (2, 24))
-    loss, grads = _loss_and_grads(model, ids)
+    loss, grads = loss_and_grads(model, input_ids=ids, labels=ids)
     calls = _spy(monkeypatch)
     with frozen_linears_on_onednn(model) as switched:
-        onednn_loss, onednn_grads = _loss_and_grads(model, ids)
+        onednn_loss, onednn_grads = loss_and_grads(model, input_ids=ids, labels=ids)
     # 2 layers x (q, k, v, o base layers + gate, up, down) + the tied, frozen lm_head
     assert switched == 2 * 7 + 1
     assert len(calls) == 2 * 7 + 1  # one forward, each switched layer once (the head: one logits call)
