@@ -15,10 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from peftlab.config import ModelConfig
+from peftlab.config.sections import ModelConfig
 from peftlab.data.packing import pack_examples
 from peftlab.data.text import load_documents
-from peftlab.models import load_tokenizer, resolve_source
+from peftlab.model.loading import load_tokenizer, resolve_source
 
 WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw-v1"
 

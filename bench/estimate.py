@@ -56,9 +56,10 @@ def measured_vs_estimated(methods: list[str], steps: int, out_dir: Path) -> list
 def fit_table() -> tuple[str, list[dict]]:
     from transformers import AutoConfig
 
-    from peftlab.config_loading import validate_config
-    from peftlab.fit import GPUS as GPU_SPECS
-    from peftlab.fit import gib, plan
+    from peftlab.config.loading import validate_config
+    from peftlab.sizing.plan import GPUS as GPU_SPECS
+    from peftlab.sizing.plan import plan
+    from peftlab.sizing.resources import gib
 
     rows, lines = [], []
     header = (

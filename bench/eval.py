@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from peftlab.config import DEFAULT_SAMPLE_PROMPTS, ModelConfig
+from peftlab.config.sections import DEFAULT_SAMPLE_PROMPTS, ModelConfig
 from peftlab.evaluation.generation import generate_greedy
 from peftlab.evaluation.perplexity import score_tokens
-from peftlab.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_source
+from peftlab.model.loading import load_model, load_tokenizer, pick_device, pick_dtype, resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI_TEST = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"

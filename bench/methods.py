@@ -43,8 +43,8 @@ CASES = {
 
 def run_peftlab(case: str, steps: int, out_dir: Path, eval_tokens: int = 0, **train_extra: object) -> dict:
     """peftlab's own train(); with eval_tokens, held-out perplexity on that many wiki.test.raw tokens."""
-    from peftlab.config_loading import validate_config
-    from peftlab.training import train
+    from peftlab.config.loading import validate_config
+    from peftlab.train.recipe import train
 
     cfg = validate_config(
         {
@@ -95,7 +95,7 @@ def plain_lora_trainer(path: str, data: list, steps: int, output_dir: Path, coll
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from peftlab.models import pick_device, pick_dtype
+    from peftlab.model.loading import pick_device, pick_dtype
 
     device = pick_device("auto")
     torch.manual_seed(SEED)
@@ -119,9 +119,9 @@ def run_baseline(steps: int, out_dir: Path) -> dict:
     import torch
     from transformers import AutoTokenizer, default_data_collator
 
-    from peftlab.config import ModelConfig
-    from peftlab.models import resolve_source
-    from peftlab.resources import ResourceMonitor
+    from peftlab.config.sections import ModelConfig
+    from peftlab.model.loading import resolve_source
+    from peftlab.sizing.resources import ResourceMonitor
 
     path = resolve_source(ModelConfig()).path  # the same cached SmolLM2 folder, the dtype peftlab picks
     tokenizer = AutoTokenizer.from_pretrained(path)

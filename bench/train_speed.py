@@ -44,9 +44,9 @@ def run_naive(steps: int, out_dir: Path) -> dict:
     """One line per example, padded to BLOCK, labels masked on padding; Trainer + peft LoRA."""
     from transformers import AutoTokenizer
 
-    from peftlab.config import ModelConfig
-    from peftlab.models import resolve_source
-    from peftlab.resources import ResourceMonitor
+    from peftlab.config.sections import ModelConfig
+    from peftlab.model.loading import resolve_source
+    from peftlab.sizing.resources import ResourceMonitor
 
     path = resolve_source(ModelConfig()).path
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -72,10 +72,10 @@ def run_naive(steps: int, out_dir: Path) -> dict:
 
 
 def lora_flops_per_token() -> float:
-    from peftlab.config_loading import validate_config
-    from peftlab.estimate import estimate_memory
-    from peftlab.fit import flops_per_token
-    from peftlab.models import read_model_config, resolve_source
+    from peftlab.config.loading import validate_config
+    from peftlab.model.loading import read_model_config, resolve_source
+    from peftlab.sizing.estimate import estimate_memory
+    from peftlab.sizing.plan import flops_per_token
 
     cfg = validate_config(
         {"data": {"train_path": "x", "block_size": BLOCK}, "method": {"name": "lora", "r": 8, "alpha": 16},

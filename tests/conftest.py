@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 if TYPE_CHECKING:
-    from peftlab.recompute import NormRecompute
+    from peftlab.model.norm_recompute import NormRecompute
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -82,7 +82,7 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> L
 
 def prepared_tiny_model(vocab: int, method: dict[str, Any]) -> torch.nn.Module:
     """A tiny llama (hidden 64) with `method` applied, in train mode."""
-    from peftlab.config_loading import validate_config
+    from peftlab.config.loading import validate_config
     from peftlab.methods import get_method
 
     cfg = validate_config({"data": {"train_path": "unused"}, "method": method})

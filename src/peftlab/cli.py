@@ -18,9 +18,9 @@ def _preset(name: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from peftlab.config_loading import load_config
+    from peftlab.config.loading import load_config
     from peftlab.reports.table import before_after_rows, render_text
-    from peftlab.training import train
+    from peftlab.train.recipe import train
 
     if args.resume:
         if args.config:  # argparse puts the first override into `config` when --resume is used
@@ -44,10 +44,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from peftlab.config_loading import load_config
+    from peftlab.config.loading import load_config
     from peftlab.reports.table import before_after_rows, render_markdown, render_text
     from peftlab.runs import atomic_write_text
-    from peftlab.training import train
+    from peftlab.train.recipe import train
 
     cfg = load_config(_preset("demo"), args.overrides)
     print(
@@ -69,9 +69,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from peftlab.config_loading import load_config
-    from peftlab.fit import GPUS, plan, render, train_tokens
-    from peftlab.models import read_model_config, resolve_source
+    from peftlab.config.loading import load_config
+    from peftlab.model.loading import read_model_config, resolve_source
+    from peftlab.sizing.plan import GPUS, plan, render, train_tokens
 
     if args.gpu is not None and args.gpu not in GPUS:
         raise PeftlabError(f"unknown --gpu {args.gpu!r}; known: {', '.join(GPUS)}")
@@ -103,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise PeftlabError("give a run folder (peftlab eval RUN_DIR) or --config CONFIG [--model NAME]")
         if "=" in args.run_dir:
             raise PeftlabError(f"{args.run_dir!r} looks like an override; give the run folder first")
-        from peftlab.evaluation.standalone import evaluate_run
+        from peftlab.evaluation.saved_run import evaluate_run
 
         if args.out:
             raise PeftlabError(
@@ -118,8 +118,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise PeftlabError("--model needs --config CONFIG (the data and evaluation settings)")
     if args.run_dir is not None:  # argparse puts the first override into run_dir
         overrides.insert(0, args.run_dir)
-    from peftlab.config_loading import load_config
-    from peftlab.evaluation.standalone import evaluate_base_model
+    from peftlab.config.loading import load_config
+    from peftlab.evaluation.saved_run import evaluate_base_model
 
     if args.model is not None:
         overrides.append(f"model.name={args.model}")
@@ -197,7 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from peftlab.cpu.huge_pages import for_this_command
+
+    with for_this_command():  # before anything imports torch (cpu/huge_pages.py)
+        return _run_command(build_parser().parse_args(argv))
+
+
+def _run_command(args: argparse.Namespace) -> int:
     # bitsandbytes logs a warning at import on CPUs without its optional kernels package; it is
     # not actionable and would land on every run's stderr.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

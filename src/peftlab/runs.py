@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -64,6 +65,26 @@ def create_run_dir(parent: str | Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise PeftlabError(f"too many runs named {name!r} in {parent}")
+
+
+@dataclass
+class RunFolder:
+    """A run's folder and its manifest. manifest.json and metrics.json are written through here
+    only, each atomically, so a reader sees the whole previous file or the whole new one."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def reopen(cls, path: Path) -> RunFolder:
+        return cls(path, json.loads((path / "manifest.json").read_text(encoding="utf-8")))
+
+    def update_manifest(self, **fields: Any) -> None:
+        self.manifest.update(fields)
+        atomic_write_json(self.path / "manifest.json", self.manifest)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        atomic_write_json(self.path / "metrics.json", metrics)
 
 
 def load_run(run_dir: str | Path, allow_unfinished: bool = False) -> dict[str, Any]:

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import EVAL_TEXT
 from peftlab.cli import main
-from peftlab.config_loading import validate_config
+from peftlab.config.loading import validate_config
 from peftlab.evaluation.generation import generate_greedy
-from peftlab.training import train
+from peftlab.train.recipe import train
 
 
 @pytest.fixture()

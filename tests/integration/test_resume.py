@@ -16,15 +16,15 @@ import yaml
 from safetensors.torch import load_file
 
 from peftlab.cli import main
-from peftlab.config_loading import validate_config
-from peftlab.resume import COMPLETE_MARKER
-from peftlab.training import train
+from peftlab.config.loading import validate_config
+from peftlab.train.checkpoints import COMPLETE_MARKER
+from peftlab.train.recipe import train
 
 # Runs peftlab's CLI in a child process whose training pauses after a given step, so the test can
 # kill or interrupt it at a known point.
 CHILD = """
 import sys, time
-from peftlab.callbacks import JsonlLogger
+from peftlab.train.callbacks import JsonlLogger
 from peftlab.cli import main
 pause_at, pause_seconds = int(sys.argv[1]), float(sys.argv[2])
 original = JsonlLogger.on_log

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.config_loading import validate_config
+from peftlab.config.loading import validate_config
 from peftlab.errors import PeftlabError
 from peftlab.runs import load_run
-from peftlab.training import train
+from peftlab.train.recipe import train
 
 PLANTED = "hf_PLANTEDsecretTOKEN1234567890abcdef"
 
@@ -30,7 +30,7 @@ def test_a_failed_run_is_marked_failed_and_has_no_metrics(tiny_run_config, monke
     def explode(*args, **kwargs):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr("peftlab.training.PeftlabTrainer.train", explode)
+    monkeypatch.setattr("peftlab.train.recipe.PeftlabTrainer.train", explode)
     with pytest.raises(RuntimeError):
         train(validate_config(tiny_run_config), progress=False)
     run = next(Path(tiny_run_config["output"]["dir"]).iterdir())

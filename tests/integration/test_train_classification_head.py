@@ -11,9 +11,9 @@ from safetensors import safe_open
 
 from conftest import EVAL_TEXT
 from peftlab.cli import main
-from peftlab.config_loading import validate_config
-from peftlab.heads import NO_LM_HEAD
-from peftlab.training import train
+from peftlab.config.loading import validate_config
+from peftlab.model.structure import NO_LM_HEAD
+from peftlab.train.recipe import train
 
 ANIMALS = ["cat", "dog", "fox"]  # the label is the animal named in the text: separable by one word
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from peftlab.config_loading import validate_config
-from peftlab.training import train
+from peftlab.config.loading import validate_config
+from peftlab.train.recipe import train
 
 CHAT = [
     {

@@ -7,10 +7,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from peftlab.allocator import _glibc
 from peftlab.cli import main
-from peftlab.config_loading import load_config, validate_config
-from peftlab.training import train
+from peftlab.config.loading import load_config, validate_config
+from peftlab.cpu.malloc import _glibc
+from peftlab.train.recipe import train
 
 
 def test_train_writes_a_complete_run_folder(tiny_run_config, tiny_model_dir, capsys):

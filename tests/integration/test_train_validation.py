@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from peftlab.config_loading import validate_config
+from peftlab.config.loading import validate_config
 from peftlab.data.task import build_task_data
-from peftlab.training import train
+from peftlab.train.recipe import train
 
 
 def test_save_total_limit_one_keeps_the_newest_and_the_best(tiny_run_config, tmp_path):

@@ -2,10 +2,10 @@
 
 import pytest
 
-from peftlab.config import ModelConfig
+from peftlab.config.sections import ModelConfig
 from peftlab.data.packing import IGNORE_INDEX
 from peftlab.data.templates import build_chat_prompt, tokenize_chat
-from peftlab.models import load_tokenizer, resolve_source
+from peftlab.model.loading import load_tokenizer, resolve_source
 
 pytestmark = pytest.mark.slow
 

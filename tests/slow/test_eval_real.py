@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from peftlab.config import ModelConfig
+from peftlab.config.sections import ModelConfig
 from peftlab.evaluation.perplexity import score_tokens
-from peftlab.models import load_model, load_tokenizer, resolve_source
+from peftlab.model.loading import load_model, load_tokenizer, resolve_source
 
 pytestmark = pytest.mark.slow
 N_TOKENS = 4096  # keeps the test near a minute on 2 CPU cores

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from peftlab.callbacks import read_log
-from peftlab.config import ModelConfig
-from peftlab.config_loading import load_config
-from peftlab.models import load_model, load_tokenizer, resolve_source
-from peftlab.training import train
+from peftlab.config.loading import load_config
+from peftlab.config.sections import ModelConfig
+from peftlab.model.loading import load_model, load_tokenizer, resolve_source
+from peftlab.train.callbacks import read_log
+from peftlab.train.recipe import train
 
 pytestmark = pytest.mark.slow
 WIKI = SHARED_DATA / "wikitext-2-raw-v1"

@@ -1,4 +1,5 @@
-"""peftlab turns on PyTorch's transparent-huge-page CPU allocation when imported before torch."""
+"""The peftlab command turns on PyTorch's transparent-huge-page CPU allocation for its own process
+(before torch is imported); importing peftlab changes no environment variable."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 PROBE = (
-    "import peftlab, torch\n"
-    "ptrs = [torch.empty(3 << 20, dtype=torch.uint8).data_ptr() for _ in range(8)]\n"
-    "print(sum(p % 4096 == 0 for p in ptrs))\n"
+    "from peftlab.cpu.huge_pages import for_this_command\n"
+    "with for_this_command():\n"
+    "    import torch\n"
+    "    ptrs = [torch.empty(3 << 20, dtype=torch.uint8).data_ptr() for _ in range(8)]\n"
+    "    print(sum(p % 4096 == 0 for p in ptrs))\n"
 )
 
 
@@ -23,22 +26,42 @@ def _page_aligned_buffers() -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="THP allocation is Linux-only in c10")
-def test_import_enables_huge_page_allocation_for_large_tensors():
+def test_the_command_enables_huge_page_allocation_for_large_tensors():
     # With THP allocation c10 page-aligns (and madvises) every buffer of 2 MiB or more; its default
     # alignment is 64 bytes (THP_MEM_ALLOC_ENABLE=0 gives 0 of 8 page-aligned buffers here).
     assert _page_aligned_buffers() == 8
 
 
 def test_a_user_setting_is_kept():
-    code = "import os, peftlab; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    code = (
+        "import os\nfrom peftlab.cpu.huge_pages import for_this_command, in_effect\n"
+        "with for_this_command() as set_here:\n"
+        "    print(set_here, os.environ['THP_MEM_ALLOC_ENABLE'], in_effect()['set_by'])\n"
+    )
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "0"
+    assert out.stdout.split() == ["False", "0", "environment"]
+
+
+def test_importing_peftlab_changes_no_environment_variable_and_the_command_gives_it_back():
+    code = (
+        "import os\nbefore = dict(os.environ)\n"
+        "import peftlab, peftlab.cli, peftlab.train.recipe, peftlab.evaluation.saved_run\n"
+        "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n"
+        "from peftlab.cpu.huge_pages import for_this_command, in_effect\n"
+        "with for_this_command() as set_here:\n"
+        "    inside = (set_here, os.environ.get('THP_MEM_ALLOC_ENABLE'), in_effect()['set_by'])\n"
+        "print(inside, dict(os.environ) == before)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    # torch is imported by then (the training modules import it), so the command no longer sets it
+    assert out.stdout.strip() == "(False, None, None) True"
 
 
 TRIM_PROBE = (
     "import psutil, torch\n"
-    "from peftlab.allocator import return_freed_heap\n"
+    "from peftlab.cpu.malloc import return_freed_heap\n"
     "rss = lambda: psutil.Process().memory_info().rss\n"
     # 64 KiB tensors come from glibc's heap (below its 128 KiB mmap threshold); the last one stays
     # alive, so the freed space is not at the heap's top, where glibc would trim it by itself.
@@ -58,7 +81,7 @@ def test_freed_heap_memory_goes_back_to_the_system():
 
 HOLES_PROBE = (
     "import sys, psutil, torch\n"
-    "from peftlab.allocator import heap_trimmed_every\n"
+    "from peftlab.cpu.malloc import heap_trimmed_every\n"
     "rss = lambda: psutil.Process().memory_info().rss\n"
     "class Layer(torch.nn.Module):\n"
     # a forward that frees 250 MiB of 64 KiB temporaries (glibc heap) and keeps an activation
@@ -94,7 +117,7 @@ def test_trimming_after_layers_returns_the_holes_a_forward_leaves():
 
 
 def test_every_nth_layer_trims():
-    from peftlab.allocator import _glibc, heap_trimmed_every
+    from peftlab.cpu.malloc import _glibc, heap_trimmed_every
 
     layers = torch.nn.ModuleList([torch.nn.Identity() for _ in range(30)])
     expected = 6 if _glibc() is not None else 0

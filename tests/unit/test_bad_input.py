@@ -266,8 +266,8 @@ def test_allow_pickle_is_an_explicit_opt_in(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from peftlab.config import ModelConfig
-    from peftlab.models import load_model, resolve_source
+    from peftlab.config.sections import ModelConfig
+    from peftlab.model.loading import load_model, resolve_source
 
     folder = tmp_path / "bin-model"
     folder.mkdir()

@@ -1,8 +1,9 @@
-"""Causal attention in query blocks (causal_blocks.py): the same values and gradients as one
+"""Causal attention in query blocks (cpu/attention_blocks.py): the same values and gradients as one
 causal SDPA call, only the keys before each block computed, transformers' own path elsewhere."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +15,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from conftest import build_tiny_llama, loss_and_grads, prepared_tiny_model, saved_activation_bytes
-from peftlab import causal_blocks
-from peftlab.causal_blocks import (
+from peftlab.cpu import attention_blocks
+from peftlab.cpu.attention_blocks import (
     _CausalBlocks,
     block_starts,
     causal_attention_in_blocks,
@@ -60,13 +61,13 @@ def test_each_block_computes_only_the_keys_before_it(monkeypatch: pytest.MonkeyP
     assert block_starts(512) == [(0, 128), (128, 256), (256, 384), (384, 512)]
     assert block_starts(300) == [(0, 128), (128, 256), (256, 300)]
     seen: list[tuple[int, int]] = []
-    flash = causal_blocks._flash
+    internals = attention_blocks._ops()
 
     def spy(q, k, v, **kwargs):
         seen.append((q.shape[2], k.shape[2]))
-        return flash(q, k, v, **kwargs)
+        return internals.flash(q, k, v, **kwargs)
 
-    monkeypatch.setattr(causal_blocks, "_flash", spy)
+    monkeypatch.setattr(attention_blocks, "_ops", lambda: dataclasses.replace(internals, flash=spy))
     _CausalBlocks.apply(torch.randn(1, 2, 512, 8), torch.randn(1, 2, 512, 8), torch.randn(1, 2, 512, 8), None)
     assert seen == [(128, 128), (128, 256), (128, 384), (128, 512)]
     assert sum(q * k for q, k in seen) / 512**2 == 10 / 16

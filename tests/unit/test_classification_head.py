@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
 
 from conftest import build_tiny_llama
-from peftlab.config import DataConfig
-from peftlab.config_loading import validate_config
-from peftlab.data.classes import ClassCollator, ClassDataset, tokenize_classes
+from peftlab.config.loading import validate_config
+from peftlab.config.sections import DataConfig
+from peftlab.data.class_rows import ClassCollator, ClassDataset, tokenize_classes
 from peftlab.errors import ConfigError, DataError
-from peftlab.estimate import estimate_memory
 from peftlab.evaluation.classification import head_predictions
-from peftlab.heads import is_sequence_classifier, write_task_labels
 from peftlab.methods import get_method
+from peftlab.methods.lora import LoraConfig
 from peftlab.methods.registry import MethodSpec, register_method
+from peftlab.model.structure import is_sequence_classifier, write_task_labels
+from peftlab.sizing.estimate import estimate_memory
 
 LABELS = ["neg", "neutral", "pos"]
 
@@ -67,11 +68,12 @@ def test_linear_probe_trains_the_head_only(tiny_tokenizer):
 
 
 def test_a_head_spec_needs_a_head_builder():
+    class HeadlessConfig(LoraConfig):
+        name: Literal["headless"] = "headless"  # type: ignore[assignment]
+
     lora = get_method("lora")
     with pytest.raises(ValueError, match="no build_head"):
-        register_method(
-            MethodSpec("headless", lora.config_cls, lora.prepare, "x", head="sequence_classification")
-        )
+        register_method(MethodSpec(HeadlessConfig, lora.prepare, "x", head="sequence_classification"))
 
 
 def test_rows_are_prompt_ids_and_class_index_right_padded(tiny_tokenizer):

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftlab.config import RunConfig
-from peftlab.config_loading import load_config, parse_overrides, validate_config
+from peftlab.config.loading import load_config, parse_overrides, validate_config
+from peftlab.config.run import RunConfig
 from peftlab.errors import ConfigError
 from peftlab.methods.lora import LoraConfig
 

@@ -1,4 +1,4 @@
-"""Frozen linear layers' forward on oneDNN (cpu_matmul.py): which layers switch, the same loss and
+"""Frozen linear layers' forward on oneDNN (cpu/onednn_linear.py): which layers switch, the same loss and
 gradients to fp32 rounding, frozen weights stay frozen, everything restored on exit."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from conftest import loss_and_grads, prepared_tiny_model
-from peftlab import cpu_matmul
-from peftlab.cpu_matmul import frozen_linears_on_onednn, matmul_nt
+from peftlab.cpu import onednn_linear
+from peftlab.cpu.onednn_linear import frozen_linears_on_onednn, matmul_nt
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -19,15 +19,15 @@ QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     """Records the weight shape of every oneDNN call."""
     calls: list[tuple[int, ...]] = []
-    kernel = cpu_matmul._linear_pointwise
-    if kernel is None or not torch.backends.mkldnn.is_available():
+    kernel = onednn_linear._linear_pointwise()
+    if kernel is None or onednn_linear.unavailable() is not None:
         pytest.skip("this torch build has no oneDNN linear: the switch stays off")
 
     def spy(x: torch.Tensor, w: torch.Tensor, *args: Any) -> torch.Tensor:
         calls.append(tuple(w.shape))
         return kernel(x, w, *args)
 
-    monkeypatch.setattr(cpu_matmul, "_linear_pointwise", spy)
+    monkeypatch.setattr(onednn_linear, "_linear_pointwise", lambda: spy)
     return calls
 
 
@@ -108,7 +108,7 @@ def test_forwards_come_back_when_the_block_raises_and_other_patches_are_left() -
         assert switched == 1 and "forward" in vars(layer)
         raise RuntimeError("stop")
     assert "forward" not in vars(layer) and patched.forward is theirs
-    assert not cpu_matmul._active
+    assert onednn_linear._this_thread.depth == 0
 
 
 def test_matmul_nt_is_a_times_b_transposed_on_either_kernel(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from peftlab.config_loading import load_config
+from peftlab.config.loading import load_config
 from peftlab.data.task import build_task_data
-from peftlab.evaluation.runner import build_eval_inputs
+from peftlab.evaluation.inputs import build_eval_inputs
 
 CONFIGS = ["wikitext-lm", "alpaca-instruct", "oasst1-chat", "sst2-classification"]
 

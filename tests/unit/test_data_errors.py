@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from peftlab.config import DataConfig
+from peftlab.config.sections import DataConfig
 from peftlab.data.task import build_task_data
 from peftlab.errors import DataError
 

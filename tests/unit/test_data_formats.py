@@ -1,7 +1,7 @@
 import json
 from collections import Counter
 
-from peftlab.config import DataConfig
+from peftlab.config.sections import DataConfig
 from peftlab.data.formats import detect_format, normalise
 from peftlab.data.loading import RawRecord, load_raw
 from peftlab.data.task import build_task_data

@@ -37,7 +37,7 @@ def test_overlap_removal_exact_and_normalised_counts():
 def test_group_keys_stay_aligned_when_bad_records_are_skipped(tmp_path, tiny_tokenizer):
     import json
 
-    from peftlab.config import DataConfig
+    from peftlab.config.sections import DataConfig
     from peftlab.data.task import build_task_data
 
     rows = []
@@ -96,7 +96,7 @@ def _groups_in(dataset, tokenizer) -> set[str]:
 
 
 def _chat_data(tmp_path, tokenizer, seed=42, **settings):
-    from peftlab.config import DataConfig
+    from peftlab.config.sections import DataConfig
     from peftlab.data.task import build_task_data
 
     path = _write_jsonl(tmp_path / "chat.jsonl", _chat_rows(40, 3))
@@ -136,7 +136,7 @@ def test_validation_fraction_zero_turns_it_off(tmp_path, tiny_tokenizer):
 
 
 def test_validation_is_disjoint_from_train_exactly_and_normalised(tmp_path, tiny_tokenizer):
-    from peftlab.config import DataConfig
+    from peftlab.config.sections import DataConfig
     from peftlab.data.task import build_task_data
 
     def rec(text, label):
@@ -168,7 +168,7 @@ def test_validation_is_disjoint_from_train_exactly_and_normalised(tmp_path, tiny
 def test_raw_text_holds_out_the_last_training_blocks(tmp_path, tiny_tokenizer):
     import torch
 
-    from peftlab.config import DataConfig
+    from peftlab.config.sections import DataConfig
     from peftlab.data.task import build_task_data
 
     path = tmp_path / "train.raw"

@@ -14,15 +14,16 @@ import pytest
 import torch
 from transformers import Trainer
 
-from peftlab.config import RunConfig
-from peftlab.config_loading import validate_config
+from peftlab.config.loading import validate_config
+from peftlab.config.run import RunConfig
 from peftlab.errors import FitError
-from peftlab.estimate import MemoryEstimate, _activation_bytes, estimate_memory
-from peftlab.fit import flops_per_token, plan
 from peftlab.methods import get_method
-from peftlab.models import ModelSource, load_model
-from peftlab.resources import gradient_bytes, optimizer_state_bytes, parameter_bytes
-from peftlab.training import train, training_arguments
+from peftlab.model.loading import ModelSource, load_model
+from peftlab.sizing.estimate import MemoryEstimate, _activation_bytes, estimate_memory
+from peftlab.sizing.plan import flops_per_token, plan
+from peftlab.sizing.resources import gradient_bytes, optimizer_state_bytes, parameter_bytes
+from peftlab.train.arguments import training_arguments
+from peftlab.train.recipe import train
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "configs"
@@ -126,8 +127,8 @@ def test_traced_activations_equal_a_real_forward_on_this_cpu(base_dir, recompute
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from conftest import saved_activation_bytes
-    from peftlab.models import decoder_layers
-    from peftlab.recompute import NormRecompute, layer_norms
+    from peftlab.model.norm_recompute import NormRecompute, layer_norms
+    from peftlab.model.structure import decoder_layers
 
     config = AutoConfig.from_pretrained(base_dir)
     cfg = run_config({"name": "lora", "r": 4, "dropout": 0.0}, base_dir)
@@ -164,13 +165,13 @@ def test_flops_per_token_by_hand():
 
 def test_a_run_that_does_not_fit_is_refused_with_the_knob_to_turn(tiny_run_config, monkeypatch):
     cfg = validate_config(tiny_run_config)
-    monkeypatch.setattr("peftlab.fit.framework_overhead", lambda gpu: 0)
+    monkeypatch.setattr("peftlab.sizing.plan.framework_overhead", lambda gpu: 0)
     from transformers import AutoConfig
 
     need = plan(cfg, AutoConfig.from_pretrained(tiny_run_config["model"]["name"])).memory
     # A "device" a little smaller than the run: it fits only with gradient checkpointing.
     capacity = need.total - (need.activations - need.activations_checkpointed) // 2
-    monkeypatch.setattr("peftlab.fit.device_capacity", lambda gpu: ("cpu", capacity, 1e9, "test"))
+    monkeypatch.setattr("peftlab.sizing.plan.device_capacity", lambda gpu: ("cpu", capacity, 1e9, "test"))
     with pytest.raises(
         FitError, match=r"this run needs about .* but cpu has .*: set train.gradient_checkpointing=true"
     ):
@@ -220,7 +221,7 @@ def test_published_architectures_give_their_parameter_counts(name):
 def test_release_memory_auto_releases_only_when_glibc_retention_would_not_fit(base_dir):
     from types import SimpleNamespace
 
-    from peftlab.fit import GLIBC_RETENTION, must_release_memory
+    from peftlab.sizing.plan import GLIBC_RETENTION, must_release_memory
 
     def plan_of(total: int, capacity: int) -> Any:
         return SimpleNamespace(memory=SimpleNamespace(total=total), capacity=capacity)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from peftlab.evaluation.compare import forgetting, write_samples
+from peftlab.evaluation.base_vs_tuned import forgetting, write_samples
 from peftlab.evaluation.perplexity import LMScores
 
 

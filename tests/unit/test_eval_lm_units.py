@@ -82,8 +82,8 @@ def test_rolling_scores_on_a_real_tiny_model_do_not_depend_on_batching(tiny_mode
 
 
 def test_suite_reports_word_and_byte_perplexity_beside_token_perplexity(tiny_model, tiny_tokenizer):
-    from peftlab.config import EvalConfig
-    from peftlab.evaluation.suite import EvalData, evaluate_lm
+    from peftlab.config.sections import EvalConfig
+    from peftlab.evaluation.held_out_text import EvalData, evaluate_lm
 
     text = "the quick brown fox jumps over the lazy dog and runs away"
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]

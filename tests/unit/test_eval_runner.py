@@ -1,4 +1,5 @@
-"""evaluation/runner.py: the evaluation each data kind gets, forgetting, samples, the base cache."""
+"""evaluation/inputs.py, runner.py, base_cache.py: the evaluation each data kind gets, forgetting,
+samples, the base cache."""
 
 from __future__ import annotations
 
@@ -10,20 +11,15 @@ import pytest
 import torch
 
 from conftest import EVAL_TEXT, build_tiny_llama
-from peftlab.config_loading import validate_config
+from peftlab.config.loading import validate_config
 from peftlab.data.task import build_task_data
 from peftlab.errors import DataError
-from peftlab.evaluation import runner
-from peftlab.evaluation.compare import write_samples
+from peftlab.evaluation import base_cache
+from peftlab.evaluation.base_vs_tuned import write_samples
 from peftlab.evaluation.generation import generate_greedy
-from peftlab.evaluation.runner import (
-    build_eval_inputs,
-    compare_sides,
-    evaluate_base,
-    evaluate_model,
-    first_tokens,
-    general_text,
-)
+from peftlab.evaluation.base_cache import evaluate_base
+from peftlab.evaluation.inputs import build_eval_inputs, first_tokens, general_text
+from peftlab.evaluation.runner import compare_sides, evaluate_model
 
 CHAT = [
     {
@@ -144,8 +140,8 @@ def test_classification_predicts_the_label_with_the_higher_loglikelihood(
 def test_a_head_model_is_scored_by_its_class_logits_and_says_what_it_skips(
     tiny_run_config, tiny_tokenizer, tiny_model, text_files, tmp_path
 ):
-    from peftlab.heads import NO_LM_HEAD, write_task_labels
     from peftlab.methods import get_method
+    from peftlab.model.structure import NO_LM_HEAD, write_task_labels
 
     cfg = config_for("classification", tiny_run_config, tmp_path, max_examples=4)
     cfg.data.eval_path = str(text_files[1])  # held-out text too: the base scores it, the head cannot
@@ -224,13 +220,13 @@ def test_base_cache_hit_on_second_call_and_miss_when_a_setting_changes(
     tiny_run_config, tiny_tokenizer, tiny_model, tmp_path, monkeypatch, capsys
 ):
     calls = []
-    real = runner.evaluate_model
+    real = base_cache.evaluate_model
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "evaluate_model", counting)
+    monkeypatch.setattr(base_cache, "evaluate_model", counting)
     identity = {"fingerprint": "abc", "dtype": "float32", "load_options": {}}
     cfg = config_for("text", tiny_run_config, tmp_path)
     inputs = inputs_for(cfg, tiny_tokenizer)

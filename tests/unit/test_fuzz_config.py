@@ -9,8 +9,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peftlab.config import RunConfig
-from peftlab.config_loading import load_config, parse_overrides, validate_config
+from peftlab.config.loading import load_config, parse_overrides, validate_config
+from peftlab.config.run import RunConfig
 from peftlab.data.text import split_documents
 from peftlab.errors import PeftlabError
 

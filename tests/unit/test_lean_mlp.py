@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, GemmaConfig, GemmaForCausalLM
 
-from peftlab.config_loading import validate_config
-from peftlab.estimate import estimate_memory
-from peftlab.lean_mlp import SiluMul, lean_gated_mlps
+from peftlab.config.loading import validate_config
 from peftlab.methods import get_method
+from peftlab.model.lean_mlp import SiluMul, lean_gated_mlps
+from peftlab.sizing.estimate import estimate_memory
 
 
 def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
@@ -40,19 +40,21 @@ def test_switched_model_gives_the_same_logits_and_gradients_and_saves_less(tiny_
     stock = lora(build_tiny_llama(len(tiny_tokenizer), hidden_size=64))
     lean = lora(build_tiny_llama(len(tiny_tokenizer), hidden_size=64))
     before = saved_bytes(lean, ids)
-    assert lean_gated_mlps(lean) == 2  # the tiny llama's two layers
-
-    stock_out, lean_out = stock(input_ids=ids, labels=ids), lean(input_ids=ids, labels=ids)
-    assert torch.equal(stock_out.logits, lean_out.logits)
-    stock_out.loss.backward()
-    lean_out.loss.backward()
+    with lean_gated_mlps(lean) as switched:
+        assert switched == 2  # the tiny llama's two layers
+        stock_out, lean_out = stock(input_ids=ids, labels=ids), lean(input_ids=ids, labels=ids)
+        assert torch.equal(stock_out.logits, lean_out.logits)
+        stock_out.loss.backward()
+        lean_out.loss.backward()
+        # one silu(gate) output of (2 x 16 tokens) x 128 intermediate fp32 values per layer
+        assert before - saved_bytes(lean, ids) == 2 * (2 * 16 * 128 * 4)
     pairs = [(a, b) for a, b in zip(stock.parameters(), lean.parameters(), strict=True) if a.requires_grad]
     assert pairs
     for a, b in pairs:
         assert torch.equal(a.grad, b.grad)
-
-    # one silu(gate) output of (2 x 16 tokens) x 128 intermediate fp32 values per layer
-    assert before - saved_bytes(lean, ids) == 2 * (2 * 16 * 128 * 4)
+    # the stock forwards are back after the block
+    assert not any("forward" in vars(m) for m in lean.modules())
+    assert saved_bytes(lean, ids) == before
 
 
 def test_mlps_it_does_not_recognise_are_left_alone(tiny_tokenizer):
@@ -64,7 +66,8 @@ def test_mlps_it_does_not_recognise_are_left_alone(tiny_tokenizer):
             num_attention_heads=2, num_key_value_heads=1, head_dim=16,
         )
     )  # fmt: skip
-    assert lean_gated_mlps(gelu) == 0
+    with lean_gated_mlps(gelu) as switched:
+        assert switched == 0
 
     model = build_tiny_llama(len(tiny_tokenizer))
     mlp = model.model.layers[0].mlp
@@ -74,8 +77,9 @@ def test_mlps_it_does_not_recognise_are_left_alone(tiny_tokenizer):
             return 2 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
     mlp.__class__ = ScaledMLP
-    assert lean_gated_mlps(model) == 1  # only the second layer's stock MLP
-    assert "forward" not in vars(mlp)
+    with lean_gated_mlps(model) as switched:
+        assert switched == 1  # only the second layer's stock MLP
+        assert "forward" not in vars(mlp)
 
 
 def test_the_estimate_traces_the_lean_mlp(tiny_tokenizer, tmp_path):

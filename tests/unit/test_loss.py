@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-import peftlab.trainer as trainer_module
+import peftlab.train.trainer as trainer_module
 from conftest import build_tiny_llama
-from peftlab.loss import IGNORE_INDEX, chunked_lm_loss, shifted_targets
-from peftlab.trainer import chunked_forward_loss, chunked_loss_agrees
+from peftlab.model.chunked_loss import IGNORE_INDEX, chunked_lm_loss, shifted_targets
+from peftlab.train.trainer import chunked_forward_loss, chunked_loss_agrees
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,7 +105,7 @@ def test_fixed_malloc_thresholds_give_freed_activations_back():
     script = """
 import sys, psutil, torch
 if sys.argv[1] == "tame":
-    from peftlab.allocator import tame_glibc_malloc
+    from peftlab.cpu.malloc import tame_glibc_malloc
     assert tame_glibc_malloc()
 rss = lambda: psutil.Process().memory_info().rss
 start = rss()

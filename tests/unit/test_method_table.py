@@ -16,20 +16,19 @@ from peft import PeftModel
 from transformers import Trainer
 
 from conftest import build_tiny_llama
-from peftlab.config import RunConfig
-from peftlab.config_loading import validate_config
-from peftlab.heads import write_task_labels
+from peftlab.config.loading import validate_config
+from peftlab.config.run import RunConfig
 from peftlab.methods import get_method, method_names
-from peftlab.models import ModelSource, load_model
-from peftlab.params import count_parameters
-from peftlab.trainer import (
+from peftlab.model.loading import ModelSource, load_model
+from peftlab.model.structure import count_parameters, write_task_labels
+from peftlab.train.arguments import training_arguments
+from peftlab.train.trainer import (
     PeftlabTrainer,
     choose_loss,
     chunked_forward_loss,
     chunked_loss_agrees,
     output_head,
 )
-from peftlab.training import training_arguments
 
 CASES: list[dict[str, Any]] = [
     {"name": "full"},
@@ -260,7 +259,7 @@ def accumulated_gradients(
     chunked: bool = False,
     method: dict[str, Any] = LORA,
 ) -> dict[str, torch.Tensor]:
-    from peftlab.data.classes import ClassCollator, ClassDataset
+    from peftlab.data.class_rows import ClassCollator, ClassDataset
     from peftlab.data.packing import BlockDataset, group_per_document
 
     # Documents of very different lengths: per-micro-batch loss averaging would weight them wrongly.

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from peftlab.config_loading import validate_config
+from peftlab.config.loading import validate_config
 from peftlab.errors import ConfigError, MethodError
 from peftlab.methods import get_method, method_names
-from peftlab.params import count_parameters
+from peftlab.model.structure import count_parameters
 
 
 def cfg_for(method: dict):

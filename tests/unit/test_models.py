@@ -3,16 +3,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftlab.config import ModelConfig
+from peftlab.config.sections import ModelConfig
 from peftlab.errors import ModelError
-from peftlab.models import converted_gguf_folder, pick_device, pick_dtype, resolve_source
+from peftlab.model.loading import converted_gguf_folder, pick_device, pick_dtype, resolve_source
 
 
 def test_explicit_dtype_wins_and_cpu_without_fast_bf16_uses_fp32(monkeypatch):
     assert pick_dtype("float16", torch.device("cpu")) == torch.float16
-    monkeypatch.setattr("peftlab.models.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("peftlab.model.loading.cpu_has_fast_bf16", lambda: False)
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr("peftlab.models.cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr("peftlab.model.loading.cpu_has_fast_bf16", lambda: True)
     assert pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
 
 
@@ -56,9 +56,9 @@ def test_a_quantised_cpu_load_lets_the_checkpoint_map_close(tmp_path, tiny_token
     import gc
 
     from conftest import build_tiny_llama
-    from peftlab.config_loading import validate_config
+    from peftlab.config.loading import validate_config
     from peftlab.methods import get_method
-    from peftlab.models import ModelSource, load_model
+    from peftlab.model.loading import ModelSource, load_model
 
     build_tiny_llama(len(tiny_tokenizer), hidden_size=64).save_pretrained(tmp_path)  # 4-bit blocks of 64
     cfg = validate_config({"data": {"train_path": "unused"}, "method": {"name": "qlora"}})
@@ -73,7 +73,7 @@ def test_a_quantised_cpu_load_lets_the_checkpoint_map_close(tmp_path, tiny_token
         return str(tmp_path / "model.safetensors") in Path("/proc/self/maps").read_text()
 
     ids = torch.randint(3, 300, (1, 12))
-    monkeypatch.setattr("peftlab.models.own_unquantised_weights", lambda model: 0)
+    monkeypatch.setattr("peftlab.model.loading.own_unquantised_weights", lambda model: 0)
     in_map = load()
     if not Path("/proc/self/maps").exists():
         pytest.skip("needs /proc to see the process's memory maps")

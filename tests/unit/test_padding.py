@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from peftlab.data.packing import PackedCollator, PackedDataset, pack_examples
-from peftlab.padding import TALLY_FILE, TALLY_KEY, PaddingTally
+from peftlab.train.callbacks import TALLY_FILE, TALLY_KEY, PaddingTally
 
 
 def rows(*lengths: int) -> list[dict[str, list[int]]]:
@@ -26,17 +27,20 @@ def test_collator_tags_each_batch_with_its_real_and_pad_tokens():
 def test_only_training_forwards_count_and_the_model_never_sees_the_tag(tiny_model):
     tally = PaddingTally()
     collate = PackedCollator(pad_id=0)
-    assert tally.attach(tiny_model, collate) and collate.tally_key == TALLY_KEY
-    tiny_model.train()
-    out = tiny_model(**collate(rows(3, 5, 2)))
-    assert out.loss is not None
-    tiny_model(**collate(rows(2, 6)))  # 8 real, 4 pad
-    tiny_model.eval()
-    with torch.no_grad():
-        tiny_model(**collate(rows(1, 9)))  # evaluation: not counted
+    hooks = dict(tiny_model._forward_pre_hooks)
+    with pytest.raises(RuntimeError, match="training failed"), tally.attached(tiny_model, collate) as on:
+        assert on and collate.tally_key == TALLY_KEY
+        tiny_model.train()
+        out = tiny_model(**collate(rows(3, 5, 2)))
+        assert out.loss is not None
+        tiny_model(**collate(rows(2, 6)))  # 8 real, 4 pad
+        tiny_model.eval()
+        with torch.no_grad():
+            tiny_model(**collate(rows(1, 9)))  # evaluation: not counted
+        raise RuntimeError("training failed")  # the hook and the tag go all the same
     assert tally.as_dict() == {"real_tokens": 18, "pad_tokens": 9, "padding_waste": 9 / 27}
-    tally.on_train_end(None, None, None)
     assert collate.tally_key is None and TALLY_KEY not in collate(rows(3))
+    assert dict(tiny_model._forward_pre_hooks) == hooks
 
 
 def test_counts_travel_with_checkpoints(tmp_path):
@@ -55,4 +59,5 @@ def test_counts_travel_with_checkpoints(tmp_path):
     assert saved["padding_waste"] == 0.25
     resumed = PaddingTally(tmp_path / "checkpoint-4")
     assert (resumed.real, resumed.pad) == (30, 10)
-    assert not PaddingTally().attach(torch.nn.Linear(2, 2), None)  # fixed-length blocks: nothing to tag
+    with PaddingTally().attached(torch.nn.Linear(2, 2), None) as on:
+        assert not on  # fixed-length blocks: nothing to tag

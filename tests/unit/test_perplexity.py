@@ -97,7 +97,7 @@ def test_logits_only_for_scored_positions_give_the_same_scores(tiny_model, monke
 
 
 def test_linear_nll_and_hits_equal_cross_entropy_and_argmax():
-    from peftlab.loss import linear_nll_and_hits
+    from peftlab.model.chunked_loss import linear_nll_and_hits
 
     generator = torch.Generator().manual_seed(0)
     rows, weight = torch.randn(37, 8, generator=generator), torch.randn(50, 8, generator=generator)

@@ -9,14 +9,14 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from conftest import prepared_tiny_model, saved_activation_bytes
-from peftlab.recompute import NormRecompute, layer_norms, norms_recomputed
+from peftlab.model.norm_recompute import NormRecompute, layer_norms, norms_recomputed
 
 IDS = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def layers_of(model: torch.nn.Module) -> torch.nn.ModuleList:
-    from peftlab.models import decoder_layers
+    from peftlab.model.structure import decoder_layers
 
     layers = decoder_layers(model)
     assert layers is not None

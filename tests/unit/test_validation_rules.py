@@ -6,10 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from peftlab.config import TrainConfig
-from peftlab.config_loading import validate_config
+from peftlab.config.loading import validate_config
+from peftlab.config.sections import TrainConfig
 from peftlab.errors import ConfigError
-from peftlab.validation import KeepNewestAndBest, evaluation_arguments
+from peftlab.train.arguments import evaluation_arguments
+from peftlab.train.callbacks import KeepNewestAndBest
 
 
 def rotate(tmp_path, steps, global_step, limit, best):

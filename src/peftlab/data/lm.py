@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peftlab.config import DataConfig
+from peftlab.config.sections import DataConfig
 from peftlab.data.packing import Blocks, group_concatenated, group_per_document
 from peftlab.data.text import load_documents
 from peftlab.errors import DataError

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,9 @@ from typing import Any
 
 import torch
 
-from peftlab.config import DataConfig
-from peftlab.data.classes import ClassCollator, ClassDataset, padding_bound, tokenize_classes
+from peftlab.cache import cache_dir
+from peftlab.config.sections import DataConfig
+from peftlab.data.class_rows import ClassCollator, ClassDataset, padding_bound, tokenize_classes
 from peftlab.data.formats import normalise
 from peftlab.data.lm import build_blocks, build_train_blocks
 from peftlab.data.loading import load_raw
@@ -74,8 +74,7 @@ def _cache_path(cfg: DataConfig, tokenizer: Any, records: list[dict[str, Any]]) 
     h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
     h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
-    root = Path(os.environ.get("PEFTLAB_CACHE", Path.home() / ".cache" / "peftlab")) / "data"
-    return root / f"{h.hexdigest()[:32]}.json"
+    return cache_dir() / "data" / f"{h.hexdigest()[:32]}.json"
 
 
 def tokenize_all(

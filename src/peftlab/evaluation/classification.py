@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from peftlab.data.classes import right_pad
+from peftlab.data.class_rows import right_pad
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def head_predictions(
     """Class index per prompt from a sequence classifier: the argmax of its class logits, one
     forward per example (batched, right padding with the model's pad id, by which it finds each
     row's last real token). The head's labels must be `labels`, in order."""
-    from peftlab.heads import unwrapped
+    from peftlab.model.structure import unwrapped
 
     config = unwrapped(model).config
     head_labels = [config.id2label[i] for i in range(config.num_labels)]

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from peftlab.data.classes import right_pad
-from peftlab.loss import is_plain_linear, linear_nll_and_hits, output_head
+from peftlab.data.class_rows import right_pad
+from peftlab.model.chunked_loss import linear_nll_and_hits
+from peftlab.model.structure import is_plain_linear, output_head
 
 IGNORE_INDEX = -100
 

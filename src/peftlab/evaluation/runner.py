@@ -1,10 +1,9 @@
 """Which evaluation for which data kind: the one entry point for training and `peftlab eval`.
 
-`build_eval_inputs` turns the config and the held-out data into fixed inputs (token ids, prompts,
-references) once; `evaluate_model` scores one model on them, base and tuned alike:
+`evaluate_model` scores one model on the fixed inputs, base and tuned alike:
 
 - held-out text (data.eval_path; required for kind text): token perplexity, token accuracy, word and
-  byte perplexity, bits per byte (suite.evaluate_lm), at the top level of the result;
+  byte perplexity, bits per byte (held_out_text.evaluate_lm), at the top level of the result;
 - kind classification: each label's completion log-likelihood (a model with a classification head:
   the argmax of its class logits) -> accuracy, macro-F1, per-class precision/recall, confusion
   matrix, under "classification";
@@ -13,198 +12,28 @@ references) once; `evaluate_model` scores one model on them, base and tuned alik
 - every kind: cross-entropy on a general text under "general_text" (forgetting = tuned - base) and
   the greedy answers to eval.sample_prompts under "sample_answers".
 
-`evaluate_base` caches the base result in $PEFTLAB_CACHE/evals/<key>.json, key = hash(model identity,
-evaluation inputs, evaluation settings). Nothing here looks at the fine-tuning method (a head model
-is recognised by the model itself: heads.is_sequence_classifier).
+The inputs come from evaluation/inputs.py, the base result's cache is evaluation/base_cache.py.
+Nothing here looks at the fine-tuning method (a head model is recognised by the model itself:
+model.structure.is_sequence_classifier).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from peftlab.config import DEFAULT_FORGETTING_TEXT, EvalConfig, RunConfig
-from peftlab.data.lm import build_eval_tokens
-from peftlab.data.task import TaskData
+from peftlab.config.run import RunConfig
+from peftlab.config.sections import EvalConfig
 from peftlab.data.templates import (
-    assistant_spans,
-    build_chat_prompt,
-    build_classification_prompt,
     label_completion,
-    merge_system,
-    template_for,
 )
-from peftlab.data.text import load_documents
-from peftlab.errors import DataError
+from peftlab.evaluation.base_vs_tuned import forgetting, write_samples
 from peftlab.evaluation.classification import classification_metrics, head_predictions, label_loglikelihoods
-from peftlab.evaluation.compare import forgetting, write_samples
 from peftlab.evaluation.generation import answer_loss, generate_greedy
+from peftlab.evaluation.held_out_text import evaluate_lm
+from peftlab.evaluation.inputs import EvalInputs
 from peftlab.evaluation.perplexity import LMScores, score_tokens
-from peftlab.evaluation.suite import EvalData, evaluate_lm
-from peftlab.heads import NO_LM_HEAD, is_sequence_classifier
-from peftlab.models import cache_dir
-from peftlab.runs import atomic_write_json, now_iso
-
-CACHE_VERSION = 1  # bump when a metric's definition changes, so old cached base results are not reused
-
-
-@dataclass
-class ChatItem:
-    prompt_ids: list[int]  # the conversation before the reference reply, with the generation prompt
-    answer_ids: list[int]  # the reference reply and its end-of-turn token (what training scores)
-    reference: str  # the reference reply's text, for BLEU and ROUGE
-
-
-@dataclass
-class EvalInputs:
-    """Everything a model is scored on, fixed once so base and tuned see the same tokens."""
-
-    kind: str
-    lm: EvalData | None = None
-    class_prompts: list[str] = field(default_factory=list)
-    class_gold: list[str] = field(default_factory=list)
-    label_names: list[str] = field(default_factory=list)
-    chat: list[ChatItem] = field(default_factory=list)
-    general: EvalData | None = None
-    general_skipped: str | None = None  # why forgetting is not measured
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_ids: list[list[int]] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def fingerprint(self) -> str:
-        """sha256 of every input a score depends on (tokens, prompts, references, labels)."""
-        content = {
-            "kind": self.kind,
-            "lm": [self.lm.ids, self.lm.source, self.lm.documents] if self.lm else None,
-            "classification": [self.class_prompts, self.class_gold, self.label_names],
-            "chat": [asdict(item) for item in self.chat],
-            "general": [self.general.ids, self.general.source] if self.general else None,
-            "general_skipped": self.general_skipped,
-            "samples": [self.sample_prompts, self.sample_ids],
-        }
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-# --- inputs ----------------------------------------------------------------------------------
-
-
-def first_tokens(tokenizer: Any, text: str, n: int, margin: int = 64) -> list[int]:
-    """The first n tokens of `text` without tokenising all of it: tokenise a prefix that yields at
-    least n + margin tokens (doubling it as needed), so the cut at the prefix's end, which can change
-    its last few tokens, lies well past the n tokens kept."""
-    chars = 8 * (n + margin)
-    while True:
-        ids: list[int] = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if chars >= len(text) or len(ids) >= n + margin:
-            return ids[:n]
-        chars *= 2
-
-
-def general_text(cfg: EvalConfig, tokenizer: Any) -> tuple[EvalData | None, str | None]:
-    """The forgetting text (first forgetting_max_tokens tokens), or None and the reason it is skipped."""
-    if cfg.forgetting_path is None:
-        return None, "eval.forgetting_path is null"
-    path = Path(DEFAULT_FORGETTING_TEXT if cfg.forgetting_path == "auto" else cfg.forgetting_path)
-    if not path.is_file():
-        if cfg.forgetting_path == "auto":
-            return None, (
-                f"default general text {path} not found (relative to {Path.cwd()}); "
-                "set eval.forgetting_path to a text file"
-            )
-        raise DataError(f"eval.forgetting_path: file not found: {path}")
-    ids = first_tokens(tokenizer, "".join(load_documents(path, "file")), cfg.forgetting_max_tokens)
-    if len(ids) < 2:
-        raise DataError(f"eval.forgetting_path: {path} gives fewer than 2 tokens")
-    return EvalData(ids, str(path)), None
-
-
-def sample_prompt_ids(prompts: list[str], tokenizer: Any, cfg: RunConfig) -> list[list[int]]:
-    """Each prompt as one user turn with the chat template's generation prompt (the model's own
-    template, or data.chat_template for chat data); plain text for a tokenizer without a template."""
-    use_template = cfg.data.kind == "chat" or getattr(tokenizer, "chat_template", None)
-    texts = [
-        build_chat_prompt([{"role": "user", "content": p}], tokenizer, cfg.data.chat_template)
-        if use_template
-        else p
-        for p in prompts
-    ]
-    return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-
-
-def chat_item(messages: list[dict[str, str]], tokenizer: Any, template_choice: str) -> ChatItem | None:
-    """Prompt = everything before the last assistant reply, rendered exactly as training renders
-    it; None when the record has no assistant reply."""
-    template = template_for(tokenizer, template_choice)
-    messages = merge_system(messages, tokenizer, template)
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        return None
-    full, spans = assistant_spans(messages[: last + 1], tokenizer, template)
-    start, end = spans[-1]
-    prompt = tokenizer(full[:start], add_special_tokens=False)["input_ids"]
-    answer = tokenizer(full[start:end], add_special_tokens=False)["input_ids"]
-    return ChatItem(list(prompt), list(answer), messages[last]["content"])
-
-
-def build_eval_inputs(cfg: RunConfig, tokenizer: Any, task: TaskData) -> EvalInputs:
-    """Fix the evaluation inputs for cfg.data.kind; bad settings fail here, before any model runs."""
-    kind, limit = cfg.data.kind, cfg.eval.max_examples
-    inputs = EvalInputs(kind=kind)
-    if kind == "text" or cfg.data.eval_path:
-        ids, text = build_eval_tokens(cfg.data, tokenizer)
-        inputs.lm = EvalData(ids, str(cfg.data.eval_path), documents=[text])
-    records = task.test_records
-    if kind in ("classification", "chat") and not records:
-        raise DataError(
-            f"{cfg.data.train_path}: no held-out records to evaluate; set data.test_path or "
-            "data.test_fraction > 0, or eval.enabled=false"
-        )
-    if kind == "classification":
-        inputs.label_names = list(task.label_names or [])
-        chosen = records[:limit]
-        outside = sorted({r["label"] for r in chosen} - set(inputs.label_names))
-        if outside:
-            raise DataError(f"held-out labels {outside} are not in the label set {inputs.label_names}")
-        inputs.class_prompts = [
-            build_classification_prompt(r["text"], cfg.data.prompt_template) for r in chosen
-        ]
-        inputs.class_gold = [r["label"] for r in chosen]
-    elif kind == "chat":
-        counts = inputs.counts
-        counts.update(prompts_cut_left=0, skipped_no_reply=0, skipped_answer_too_long=0)  # 0s stated too
-        for rec in records:
-            item = chat_item(rec["messages"], tokenizer, cfg.data.chat_template)
-            # prompt + the longer of reference and generated answer must fit data.max_seq_len;
-            # a long conversation keeps its latest turns (the prompt is cut on the left)
-            room = cfg.data.max_seq_len - max(len(item.answer_ids) if item else 0, cfg.eval.max_new_tokens)
-            if item is None:
-                counts["skipped_no_reply"] += 1
-            elif room < 1:
-                counts["skipped_answer_too_long"] += 1
-            else:
-                if len(item.prompt_ids) > room:
-                    item.prompt_ids = item.prompt_ids[-room:]
-                    counts["prompts_cut_left"] += 1
-                inputs.chat.append(item)
-            if limit is not None and len(inputs.chat) == limit:
-                break
-        if not inputs.chat:
-            raise DataError(
-                f"no held-out conversation has an assistant reply that fits data.max_seq_len="
-                f"{cfg.data.max_seq_len} with eval.max_new_tokens={cfg.eval.max_new_tokens}"
-            )
-    inputs.general, inputs.general_skipped = general_text(cfg.eval, tokenizer)
-    inputs.sample_prompts = list(cfg.eval.sample_prompts)
-    inputs.sample_ids = sample_prompt_ids(inputs.sample_prompts, tokenizer, cfg)
-    return inputs
-
-
-# --- scoring ---------------------------------------------------------------------------------
+from peftlab.model.structure import NO_LM_HEAD, is_sequence_classifier
 
 
 def _decode(tokenizer: Any, ids: list[list[int]]) -> list[str]:
@@ -299,65 +128,6 @@ def evaluate_model(
         )
         out["sample_answers"] = _decode(tokenizer, generated)
     return out
-
-
-# --- base cache ------------------------------------------------------------------------------
-
-
-def model_identity(
-    fingerprint: str, cfg: RunConfig, device: torch.device, dtype: torch.dtype, load_options: dict[str, Any]
-) -> dict[str, Any]:
-    """What makes two base models score alike: weights, revision, device type, dtype, and the load
-    options a method asks for (a 4-bit base scores differently from a full-precision one)."""
-
-    def plain(value: Any) -> Any:
-        return value.to_dict() if hasattr(value, "to_dict") else str(value)
-
-    return {
-        "name": cfg.model.name,
-        "fingerprint": fingerprint,
-        "revision": cfg.model.revision,
-        "device": device.type,
-        "dtype": str(dtype).removeprefix("torch."),
-        "load_options": json.loads(json.dumps(load_options, sort_keys=True, default=plain)),
-    }
-
-
-def base_cache_path(identity: dict[str, Any], cfg: EvalConfig, inputs: EvalInputs) -> Path:
-    settings = cfg.model_dump(mode="json", exclude={"cache", "enabled"})
-    key = json.dumps(
-        {"version": CACHE_VERSION, "model": identity, "eval": settings, "inputs": inputs.fingerprint()},
-        sort_keys=True,
-    )
-    return cache_dir() / "evals" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-
-
-def evaluate_base(
-    model: Any,
-    tokenizer: Any,
-    cfg: RunConfig,
-    inputs: EvalInputs,
-    identity: dict[str, Any],
-    progress: bool = True,
-) -> tuple[dict[str, Any], bool]:
-    """The base model's evaluation, from the cache when the same model was scored on the same inputs
-    with the same settings; returns (result, cache hit)."""
-    path = base_cache_path(identity, cfg.eval, inputs) if cfg.eval.cache else None
-    if path is not None and path.is_file():
-        try:
-            result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))["result"]
-            print(f"base evaluation: reusing cached result {path} (same model, eval inputs and settings)")
-            return result, True
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-            pass  # a damaged cache entry is recomputed and rewritten
-    result = evaluate_model(model, tokenizer, cfg, inputs, "base", progress)
-    if path is not None:
-        atomic_write_json(path, {"created": now_iso(), "model": identity, "result": result})
-        print(f"base evaluation cached: {path}")
-    return result, False
-
-
-# --- base versus tuned -----------------------------------------------------------------------
 
 
 def _lm_scores(d: dict[str, Any]) -> LMScores:

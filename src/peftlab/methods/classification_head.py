@@ -99,7 +99,6 @@ def prepare(model: Any, cfg: ClassificationHeadConfig) -> torch.nn.Module:
 
 register_method(
     MethodSpec(
-        "classification_head",
         ClassificationHeadConfig,
         prepare,
         summary="LoRA + a trained classification head on the last token (peft SEQ_CLS); classification data",

@@ -21,7 +21,6 @@ def prepare(model: torch.nn.Module, cfg: DoraConfig) -> torch.nn.Module:
 
 register_method(
     MethodSpec(
-        "dora",
         DoraConfig,
         prepare,
         summary="weight-decomposed LoRA (peft use_dora)",

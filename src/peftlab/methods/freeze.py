@@ -7,10 +7,10 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from peftlab.config import MethodConfig
+from peftlab.config.sections import MethodConfig
 from peftlab.errors import MethodError
 from peftlab.methods.registry import MethodSpec, register_method
-from peftlab.models import decoder_layers
+from peftlab.model.structure import decoder_layers
 
 
 class FreezeConfig(MethodConfig):
@@ -58,7 +58,6 @@ def prepare(model: torch.nn.Module, cfg: FreezeConfig) -> torch.nn.Module:
 
 register_method(
     MethodSpec(
-        "freeze",
         FreezeConfig,
         prepare,
         summary="train the last k layers / named modules only",

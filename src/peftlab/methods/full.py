@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from peftlab.config import MethodConfig
+from peftlab.config.sections import MethodConfig
 from peftlab.methods.registry import MethodSpec, register_method
 
 
@@ -30,7 +30,6 @@ def trainer_options(cfg: FullConfig) -> dict[str, Any]:
 
 register_method(
     MethodSpec(
-        "full",
         FullConfig,
         prepare,
         summary="train every parameter",

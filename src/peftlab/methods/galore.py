@@ -55,7 +55,6 @@ def trainer_options(cfg: GaloreConfig) -> dict[str, Any]:
 
 register_method(
     MethodSpec(
-        "galore",
         GaloreConfig,
         prepare,
         summary="full training with low-rank gradient projection (galore-torch)",

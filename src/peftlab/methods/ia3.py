@@ -28,6 +28,4 @@ def prepare(model: torch.nn.Module, cfg: IA3Config) -> torch.nn.Module:
     return wrap(model, peft_cfg, cfg.target_modules)
 
 
-register_method(
-    MethodSpec("ia3", IA3Config, prepare, summary="rescaling vectors on keys, values, MLP (peft)")
-)
+register_method(MethodSpec(IA3Config, prepare, summary="rescaling vectors on keys, values, MLP (peft)"))

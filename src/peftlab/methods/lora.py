@@ -12,7 +12,7 @@ from peft import LoftQConfig
 from peft import LoraConfig as PeftLoraConfig
 from pydantic import Field
 
-from peftlab.config import TrainConfig
+from peftlab.config.sections import TrainConfig
 from peftlab.errors import MethodError
 from peftlab.methods.peft_common import TargetedConfig, check_targets, linear_module_names, wrap
 from peftlab.methods.registry import MethodSpec, register_method
@@ -90,7 +90,6 @@ def lora_plus_optimizer(
 
 register_method(
     MethodSpec(
-        "lora",
         LoraConfig,
         prepare,
         summary="low-rank adapters on chosen linear layers (peft)",

@@ -78,7 +78,6 @@ def trainer_options(cfg: LoraGaloreConfig) -> dict[str, Any]:
 
 register_method(
     MethodSpec(
-        "lora_galore",
         LoraGaloreConfig,
         prepare,
         summary="hybrid: LoRA on attention, GaLore (full-rank, low-rank state) on MLP",

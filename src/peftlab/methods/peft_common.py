@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 from pydantic import Field
 
-from peftlab.config import MethodConfig
+from peftlab.config.sections import MethodConfig
 from peftlab.errors import MethodError
 
 

@@ -18,7 +18,7 @@ from peft import PrefixTuningConfig as PeftPrefixConfig
 from peft import PromptTuningConfig as PeftPromptConfig
 from pydantic import Field
 
-from peftlab.config import MethodConfig
+from peftlab.config.sections import MethodConfig
 from peftlab.methods.peft_common import wrap
 from peftlab.methods.registry import MethodSpec, register_method
 
@@ -73,12 +73,9 @@ def prepare_prefix(model: torch.nn.Module, cfg: PrefixTuningConfig) -> torch.nn.
     return wrapped
 
 
-register_method(
-    MethodSpec("prompt_tuning", PromptTuningConfig, prepare_prompt, summary="learned soft prompt (peft)")
-)
+register_method(MethodSpec(PromptTuningConfig, prepare_prompt, summary="learned soft prompt (peft)"))
 register_method(
     MethodSpec(
-        "prefix_tuning",
         PrefixTuningConfig,
         prepare_prefix,
         summary="learned per-layer key/value prefix (peft)",

@@ -72,11 +72,11 @@ def prepare(model: torch.nn.Module, cfg: QLoraConfig) -> torch.nn.Module:
 
 register_method(
     MethodSpec(
-        "qlora",
         QLoraConfig,
         prepare,
         summary="LoRA over a 4-bit (nf4/fp4) bitsandbytes base",
         make_optimizer=lora_plus_optimizer,
         load_options=load_options,
+        checkpoints_activations=lambda cfg: cfg.gradient_checkpointing,
     )
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peftlab.resources import gib
+from peftlab.sizing.resources import gib
 
 Row = tuple[str, ...]
 

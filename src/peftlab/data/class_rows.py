@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from peftlab.config import DataConfig
+from peftlab.config.sections import DataConfig
 from peftlab.data.templates import build_classification_prompt
 from peftlab.errors import DataError
 

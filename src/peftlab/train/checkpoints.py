@@ -1,62 +1,21 @@
-"""Crash safety for training: complete-checkpoint markers, graceful Ctrl-C, and resuming a run.
+"""Checkpoints on disk: which are complete, which one a resumed run continues from, the log lines
+it trains again, and the best checkpoint of a finished run.
 
 transformers' Trainer writes a checkpoint folder file by file; a kill in the middle leaves a folder
-that looks like a checkpoint but is not. A marker file written (atomically) from `on_save`, which the
-Trainer calls only after every file of the checkpoint is written, tells complete ones apart.
+that looks like a checkpoint but is not. A marker file written (atomically) by
+callbacks.CheckpointMarker, from `on_save`, which the Trainer calls only after every file of the
+checkpoint is written, tells complete ones apart.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from transformers import TrainerCallback
-
 from peftlab.errors import PeftlabError
-from peftlab.runs import atomic_write_json, now_iso
 
 COMPLETE_MARKER = "peftlab-complete.json"
-
-
-class CheckpointMarker(TrainerCallback):
-    """Marks checkpoint-<step> complete once the Trainer has finished writing it."""
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir() and state.is_world_process_zero:
-            atomic_write_json(folder / COMPLETE_MARKER, {"step": state.global_step, "written_at": now_iso()})
-
-
-class GracefulInterrupt(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)", flush=True)
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (e.g. a Ray worker): keep the default behaviour
-            self._previous = None
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.requested:
-            control.should_save = True
-            control.should_training_stop = True
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -102,3 +61,29 @@ def trim_log(log_path: Path, last_step: int) -> None:
 
 def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-", 1)[1])
+
+
+def checkpoint_folders(folder: Path) -> dict[int, Path]:
+    found = {}
+    for path in folder.glob("checkpoint-*"):
+        step = path.name.split("-", 1)[1]
+        if step.isdigit() and path.is_dir():
+            found[int(step)] = path
+    return found
+
+
+def validation_summary(state: Any, run_dir: Path, since_step: int = 0) -> dict[str, Any]:
+    """best_checkpoint (relative to the run folder; None when no checkpoint was saved at an
+    evaluation), best_eval_loss, final_eval_loss, and the seconds spent on validation after `since_step`
+    (this process's share, to take out of the training speed)."""
+    evals = [h for h in state.log_history if "eval_loss" in h]
+    best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
+    return {
+        "best_checkpoint": str(best.resolve().relative_to(run_dir.resolve()))
+        if best is not None and best.is_dir()
+        else None,
+        "best_eval_loss": state.best_metric if evals else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "eval_count": len(evals),
+        "eval_seconds": sum(h.get("eval_runtime", 0.0) for h in evals if h["step"] > since_step),
+    }

@@ -16,8 +16,9 @@ from typing import Any
 import psutil
 import torch
 
-from peftlab.config import RunConfig
-from peftlab.estimate import MemoryEstimate, estimate_memory, seq_len_key, seq_len_of
+from peftlab.config.run import RunConfig
+from peftlab.sizing.estimate import MemoryEstimate, estimate_memory
+from peftlab.sizing.resources import gib
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def plan(
     loss: str = "chunked",
     dtype: torch.dtype | None = None,
 ) -> Plan:
-    from peftlab.models import pick_device, pick_dtype
+    from peftlab.model.loading import pick_device, pick_dtype
 
     device, capacity, flops, source = device_capacity(gpu)
     if dtype is None:
@@ -203,12 +204,8 @@ def advice(cfg: RunConfig, memory: MemoryEstimate, capacity: int, batch: int, se
     if batch >= 1:
         return f"set train.batch_size={batch} (and train.grad_accum_steps to keep the effective batch)"
     if seq >= 8:
-        return f"set {seq_len_key(cfg)}={seq} or shorter"
+        return f"set {cfg.seq_len_key}={seq} or shorter"
     return "use a method with a smaller footprint (qlora) or a smaller model"
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 def render(plan_: Plan, cfg: RunConfig, tokens: int | None = None) -> str:
@@ -226,7 +223,7 @@ def render(plan_: Plan, cfg: RunConfig, tokens: int | None = None) -> str:
         (f"total (checkpointing {ckpt})", gib(m.total)),
         (f"device: {plan_.device}", f"{gib(plan_.capacity)} usable"),
         ("fits", "yes" if plan_.fits else f"NO: {plan_.advice}"),
-        (f"largest batch at {seq_len_key(cfg)}={m.seq_len}", str(plan_.largest_batch)),
+        (f"largest batch at {cfg.seq_len_key}={m.seq_len}", str(plan_.largest_batch)),
         (f"largest sequence at train.batch_size={m.batch_size}", str(plan_.largest_seq_len)),
         ("training FLOPs per token", f"{plan_.flops_per_token / 1e9:.2f} GFLOP"),
         ("throughput", f"{plan_.tokens_per_second:,.0f} tokens/s ({plan_.throughput_source})"),
@@ -240,7 +237,7 @@ def render(plan_: Plan, cfg: RunConfig, tokens: int | None = None) -> str:
 
 def train_tokens(cfg: RunConfig) -> int | None:
     """Tokens one run will train on, when the config says (max_steps, or a token cap)."""
-    per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * seq_len_of(cfg)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.seq_len
     if cfg.train.max_steps:
         return cfg.train.max_steps * per_step
     if cfg.data.max_train_tokens:

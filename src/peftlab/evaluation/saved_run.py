@@ -11,36 +11,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from peftlab.config import RunConfig
-from peftlab.config_loading import load_config
-from peftlab.data.task import build_task_data
+from peftlab.config.loading import load_config
+from peftlab.config.run import RunConfig
 from peftlab.errors import PeftlabError
-from peftlab.evaluation.runner import (
-    build_eval_inputs,
-    compare_sides,
-    evaluate_base,
-    evaluate_model,
-    model_identity,
-)
-from peftlab.heads import write_task_labels
+from peftlab.evaluation.base_cache import score_base
+from peftlab.evaluation.inputs import build_eval_inputs
+from peftlab.evaluation.runner import compare_sides, evaluate_model
 from peftlab.methods import get_method
-from peftlab.models import (
-    ModelSource,
-    check_lengths,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    pick_device,
-    pick_dtype,
-    resolve_source,
-)
+from peftlab.model.loading import ModelSource, load_model
+from peftlab.model.structure import write_task_labels
+from peftlab.run_setup import set_up
 from peftlab.runs import atomic_write_json, load_run, now_iso
 
 
-def _check_artefact(folder: Path, kind: str) -> None:
-    needed = ["adapter_config.json", "adapter_model.safetensors"] if kind == "adapter" else ["config.json"]
+def _check_artefact(folder: Path, adapter: bool) -> None:
+    needed = ["adapter_config.json", "adapter_model.safetensors"] if adapter else ["config.json"]
     missing = [name for name in needed if not (folder / name).is_file()]
-    if kind != "adapter" and not any(folder.glob("*.safetensors")):
+    if not adapter and not any(folder.glob("*.safetensors")):
         missing.append("*.safetensors")
     if missing:
         raise PeftlabError(
@@ -73,31 +60,22 @@ def evaluate_run(
     cfg = run_config(run_dir, overrides)
     spec = get_method(cfg.method.name)
     artefact = run_dir / spec.artifact
-    _check_artefact(artefact, spec.artifact)
-    device = pick_device(cfg.model.device)
-    dtype = pick_dtype(cfg.model.dtype, device)
-    source = resolve_source(cfg.model)
-    tokenizer = load_tokenizer(source, cfg.model)
-    task = build_task_data(cfg.data, tokenizer, cfg.train.seed, spec.head)
-    inputs = build_eval_inputs(cfg, tokenizer, task)
-    load_options = spec.load_options(cfg.method, dtype) if spec.load_options else {}
+    _check_artefact(artefact, spec.saves_adapter)
+    setup = set_up(cfg, spec)
+    inputs = build_eval_inputs(cfg, setup.tokenizer, setup.task)
 
-    model: Any = load_model(source, cfg.model, device, dtype, load_options)
-    check_lengths(model.config, {"eval.window": cfg.eval.window})
-    identity = model_identity(model_fingerprint(source), cfg, device, dtype, load_options)
-    base, cached = evaluate_base(model, tokenizer, cfg, inputs, identity, progress)
+    model: Any = load_model(setup.source, cfg.model, setup.device, setup.dtype, setup.load_options)
+    base, cached = score_base(model, cfg, setup, inputs, progress)
     if spec.build_head is not None:  # the head model the adapter (with its trained head) sits on
-        write_task_labels(model, task.label_names, getattr(task.collator, "pad_id", None))
+        write_task_labels(model, setup.task.label_names, getattr(setup.task.collator, "pad_id", None))
         model = spec.build_head(model, cfg.method)
-    if spec.artifact == "adapter":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(artefact), is_trainable=False)
+    if spec.saves_adapter:
+        model = spec.attach_trained(model, artefact)
     else:
         del model
         tuned_source = ModelSource(str(artefact), f"trained model {artefact}")
-        model = load_model(tuned_source, cfg.model, device, dtype, load_options)
-    tuned = evaluate_model(model, tokenizer, cfg, inputs, "tuned", progress)
+        model = load_model(tuned_source, cfg.model, setup.device, setup.dtype, setup.load_options)
+    tuned = evaluate_model(model, setup.tokenizer, cfg, inputs, "tuned", progress)
     forgetting, samples = compare_sides(base, tuned, inputs)
     result = {
         "run_dir": str(run_dir),
@@ -115,19 +93,14 @@ def evaluate_run(
 
 def evaluate_base_model(cfg: RunConfig, progress: bool = True, out: Path | None = None) -> dict[str, Any]:
     """The base model alone (as cfg.model loads it, no method load options) on cfg's evaluation."""
-    device = pick_device(cfg.model.device)
-    dtype = pick_dtype(cfg.model.dtype, device)
-    source = resolve_source(cfg.model)
-    tokenizer = load_tokenizer(source, cfg.model)
-    inputs = build_eval_inputs(cfg, tokenizer, build_task_data(cfg.data, tokenizer, cfg.train.seed))
-    model = load_model(source, cfg.model, device, dtype)
-    check_lengths(model.config, {"eval.window": cfg.eval.window})
-    identity = model_identity(model_fingerprint(source), cfg, device, dtype, {})
-    base, cached = evaluate_base(model, tokenizer, cfg, inputs, identity, progress)
+    setup = set_up(cfg, spec=None)
+    inputs = build_eval_inputs(cfg, setup.tokenizer, setup.task)
+    model = load_model(setup.source, cfg.model, setup.device, setup.dtype)
+    base, cached = score_base(model, cfg, setup, inputs, progress)
     answers = base.pop("sample_answers", [])
     result = {
         "model": cfg.model.name,
-        "source": source.description,
+        "source": setup.source.description,
         "evaluated_at": now_iso(),
         "base_eval_cached": cached,
         "base": base,

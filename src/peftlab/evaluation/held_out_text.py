@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from peftlab.config import EvalConfig
+from peftlab.config.sections import EvalConfig
 from peftlab.evaluation.lm_units import score_documents
 from peftlab.evaluation.perplexity import score_tokens
 

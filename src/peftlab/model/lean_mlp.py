@@ -2,21 +2,24 @@
 
 Llama-style MLPs compute down(silu(gate(x)) * up(x)). Autograd keeps gate(x) for the activation's
 backward and silu(gate(x)) and up(x) for the product's: three (batch x seq x intermediate) tensors
-per layer. `SiluMul` keeps gate(x) and up(x) only and recomputes silu(gate(x)) in backward. On
-SmolLM2-135M at 512 x 4 tokens in fp32 that is 12.6 MB per layer, 377 MB over its 30 layers.
+per layer. `SiluMul` keeps gate(x) and up(x) only and recomputes silu(gate(x)) in backward: one
+(batch x seq x intermediate) tensor less per layer.
 
 Liger-Kernel fuses the same product in Triton, for CUDA only; nothing does it on the CPU or without
 Triton, so it is written here in plain torch ops, which run on every device. Only MLPs whose
 forward is exactly the stock expression are switched, so the switched forward computes the same
-values and the same gradients, bit for bit (its backward runs autograd's own ops).
+values and the same gradients, bit for bit (its backward runs autograd's own ops). Recognising
+the stock forward reads its source text, which a new transformers version may change: then no MLP
+matches and nothing is switched (counted as 0). The switch lasts for a `with` block only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -63,16 +66,27 @@ def _is_stock_silu_mlp(module: nn.Module) -> bool:
     act = getattr(module, "act_fn", None)
     if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")) or act is None:
         return False
-    from transformers.activations import SiLUActivation
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:  # a transformers without the class: nn.SiLU is still recognised
+        silu_classes: tuple[type, ...] = (nn.SiLU,)
+    else:
+        silu_classes = (nn.SiLU, SiLUActivation)
+    return type(act) in silu_classes and _is_stock_forward(type(module).forward)
 
-    return type(act) in (nn.SiLU, SiLUActivation) and _is_stock_forward(type(module).forward)
 
-
-def lean_gated_mlps(model: nn.Module) -> int:
-    """Switch every stock silu-gated MLP of `model` to `SiluMul`; returns how many were switched."""
-    switched = 0
-    for module in model.modules():
-        if _is_stock_silu_mlp(module):
-            module.forward = types.MethodType(_lean_forward, module)
-            switched += 1
-    return switched
+@contextlib.contextmanager
+def lean_gated_mlps(model: nn.Module | None) -> Iterator[int]:
+    """Within the block, every stock silu-gated MLP of `model` runs `SiluMul`; yields how many
+    were switched (0 without a model). Each one's own forward is removed again in `finally`."""
+    forwards = {}
+    try:
+        for module in model.modules() if model is not None else ():
+            if "forward" not in vars(module) and _is_stock_silu_mlp(module):
+                forwards[module] = types.MethodType(_lean_forward, module)
+                module.forward = forwards[module]
+        yield len(forwards)
+    finally:
+        for module, forward in forwards.items():
+            if vars(module).get("forward") is forward:
+                del module.forward  # back to the class's own forward

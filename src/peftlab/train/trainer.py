@@ -16,10 +16,8 @@ from transformers import Trainer, default_data_collator
 
 from peftlab.data.task import TaskData
 from peftlab.errors import MethodError
-from peftlab.heads import is_sequence_classifier
-from peftlab.loss import IGNORE_INDEX, chunked_lm_loss, output_head
-
-CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 49,152 fp32 = 50 MB for SmolLM2 (1024: +0.4 GiB peak, no faster)
+from peftlab.model.chunked_loss import CHUNK_ROWS, IGNORE_INDEX, chunked_lm_loss
+from peftlab.model.structure import is_sequence_classifier, output_head
 
 
 def chunked_forward_loss(

@@ -24,20 +24,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from peftlab.config import RunConfig
-from peftlab.heads import write_task_labels
-from peftlab.lean_mlp import lean_gated_mlps
+from peftlab.config.run import RunConfig
 from peftlab.methods import get_method
-from peftlab.models import decoder_layers
-from peftlab.recompute import NormRecompute, layer_norms
-from peftlab.resources import tensor_bytes
-from peftlab.trainer import CHUNK_ROWS
+from peftlab.model.chunked_loss import CHUNK_ROWS
+from peftlab.model.lean_mlp import lean_gated_mlps
+from peftlab.model.norm_recompute import NormRecompute, layer_norms
+from peftlab.model.structure import decoder_layers, write_task_labels
+from peftlab.sizing.resources import tensor_bytes
 
 
 @dataclass
@@ -75,14 +73,6 @@ class MemoryEstimate:
         return {**asdict(self), "activations_used": self.activations_used, "total": self.total}
 
 
-def seq_len_of(cfg: RunConfig) -> int:
-    return cfg.data.block_size if cfg.data.kind == "text" else cfg.data.max_seq_len
-
-
-def seq_len_key(cfg: RunConfig) -> str:
-    return "data.block_size" if cfg.data.kind == "text" else "data.max_seq_len"
-
-
 def estimate_memory(
     cfg: RunConfig, model_config: Any, dtype: torch.dtype, overhead: int, loss: str = "chunked"
 ) -> MemoryEstimate:
@@ -93,22 +83,21 @@ def estimate_memory(
     spec = get_method(cfg.method.name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-    quantised = _quantised_weights(model, spec.load_options(cfg.method, dtype) if spec.load_options else {})
+    quantised = _quantised_weights(model, spec.load_options(cfg.method, dtype))
     # A head method reads the label count from the config: the data's label names when the config
     # lists them, else the config default (2); the head is tiny either way.
     write_task_labels(model, cfg.data.label_names if cfg.data.kind == "classification" else None)
     model = spec.prepare(model, cfg.method)
-    if cfg.train.lean_mlp:  # traced below as the run will train it
-        lean_gated_mlps(model)
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
     weights = sum(quantised.get(id(p), p.numel() * p.element_size()) for p in params)
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    batch, seq = cfg.train.batch_size, seq_len_of(cfg)
+    batch, seq = cfg.train.batch_size, cfg.seq_len
     # Recipes only in fp32: a bf16 CUDA run trains under autocast, whose adapters save a bf16 copy
     # of the norm output (not modelled here) rather than the output a recipe could replace.
     recompute = cfg.train.recompute_norms and dtype == torch.float32
-    activations, checkpointed = _activation_bytes(model, batch, seq, recompute)
+    with lean_gated_mlps(model if cfg.train.lean_mlp else None):  # traced as the run trains it
+        activations, checkpointed = _activation_bytes(model, batch, seq, recompute)
     vocab = int(model_config.vocab_size)
     if spec.head != "causal_lm":  # class logits (B x labels): no vocabulary-sized working set
         loss_bytes = 0
@@ -119,9 +108,7 @@ def estimate_memory(
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     matmul = sum(m.weight.numel() for m in linear)
     trainable_matmul = sum(m.weight.numel() for m in linear if m.weight.requires_grad)
-    gradient_checkpointing = cfg.train.gradient_checkpointing or bool(
-        getattr(cfg.method, "gradient_checkpointing", False)
-    )
+    gradient_checkpointing = cfg.train.gradient_checkpointing or spec.checkpoints_activations(cfg.method)
     return MemoryEstimate(
         batch_size=batch,
         seq_len=seq,
@@ -180,14 +167,14 @@ def _attention_width(config: Any) -> int:
 
 def _optimizer_state_bytes(cfg: RunConfig, spec: Any, model: Any) -> int:
     """Build the run's optimizer over the meta parameters, step it once, sum its state."""
-    from transformers import Trainer
-
-    from peftlab.training import training_arguments
+    from transformers import Trainer, TrainingArguments
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = spec.make_optimizer(model, cfg.method, cfg.train) if spec.make_optimizer else None
+    optimizer = spec.make_optimizer(model, cfg.method, cfg.train)
     if optimizer is None:
-        args = training_arguments(cfg, spec, Path("unused"), torch.device("cpu"), torch.float32, False)
+        args = TrainingArguments(
+            output_dir="unused", use_cpu=True, report_to=[], **spec.optimizer_arguments(cfg.method, cfg.train)
+        )
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
         kwargs = dict(kwargs)
         groups = kwargs.pop("params", None) or [{"params": trainable}]

@@ -1,5 +1,5 @@
 """Reading a run config: a YAML file plus `key.sub=value` overrides -> a validated RunConfig, with
-one-line errors that name the nearest valid key (the sections themselves are in config.py)."""
+one-line errors that name the nearest valid key (the sections are in sections.py, the whole run in run.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from peftlab.config import RunConfig
+from peftlab.config.run import RunConfig
 from peftlab.errors import ConfigError
+from peftlab.methods import get_method
 
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -93,8 +94,6 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
 
 def _section_class(cls: type[BaseModel], key: str, value: Any) -> type[BaseModel] | None:
     if cls is RunConfig and key == "method":
-        from peftlab.methods import get_method
-
         if isinstance(value, dict) and "name" in value:
             return get_method(str(value["name"])).config_cls
         return None
