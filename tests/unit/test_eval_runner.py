@@ -15,9 +15,9 @@ from peftlab.config.loading import validate_config
 from peftlab.data.task import build_task_data
 from peftlab.errors import DataError
 from peftlab.evaluation import base_cache
+from peftlab.evaluation.base_cache import evaluate_base
 from peftlab.evaluation.base_vs_tuned import write_samples
 from peftlab.evaluation.generation import generate_greedy
-from peftlab.evaluation.base_cache import evaluate_base
 from peftlab.evaluation.inputs import build_eval_inputs, first_tokens, general_text
 from peftlab.evaluation.runner import compare_sides, evaluate_model
 
