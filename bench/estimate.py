@@ -39,7 +39,7 @@ def measured_vs_estimated(methods: list[str], steps: int, out_dir: Path) -> list
     rows = []
     for case in methods:
         # release_memory=true: peak RSS is then the live memory the estimate counts (glibc's default
-        # malloc keeps up to ~1.7x more; see allocator.py)
+        # malloc keeps up to ~1.7x more; see src/peftlab/cpu/malloc.py)
         r = run_case(case, steps, out_dir, ROOT / "bench" / "methods.py", release_memory=True)
         if r is None:
             continue

@@ -66,7 +66,7 @@ def test_train_writes_a_complete_run_folder(tiny_run_config, tiny_model_dir, cap
 
 
 def test_a_cpu_run_at_256_tokens_computes_attention_in_blocks(tiny_run_config):
-    """causal_blocks.py on the training path: every training forward's attention goes in blocks."""
+    """cpu/attention_blocks.py on the training path: every training forward's attention goes in blocks."""
     tiny_run_config["data"]["block_size"] = 256
     tiny_run_config["train"].update(max_steps=2, batch_size=1)
     tiny_run_config["eval"]["enabled"] = False

@@ -1,4 +1,4 @@
-"""The estimator (estimate.py, fit.py): exact parameter, gradient and optimizer bytes against the
+"""The estimator (sizing/estimate.py, sizing/plan.py): exact parameter, gradient and optimizer bytes against the
 measured ones on a tiny model, activations against a real traced forward, no weights or network
 needed, and the fit / refuse behaviour of `peftlab train`."""
 
@@ -14,11 +14,13 @@ import pytest
 import torch
 from transformers import Trainer
 
+from method_table import LABELS, METHOD_ROWS, ROW_IDS
 from peftlab.config.loading import validate_config
 from peftlab.config.run import RunConfig
 from peftlab.errors import FitError
 from peftlab.methods import get_method
 from peftlab.model.loading import ModelSource, load_model
+from peftlab.model.structure import write_task_labels
 from peftlab.sizing.estimate import MemoryEstimate, _activation_bytes, estimate_memory
 from peftlab.sizing.plan import flops_per_token, plan
 from peftlab.sizing.resources import gradient_bytes, optimizer_state_bytes, parameter_bytes
@@ -27,18 +29,6 @@ from peftlab.train.recipe import train
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "configs"
-
-METHODS: list[dict[str, Any]] = [
-    {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
-    {"name": "lora", "r": 4, "lora_plus_ratio": 4.0, "target_modules": "all-linear"},
-    {"name": "full"},
-    {"name": "full", "optimizer": "adamw_8bit"},
-    {"name": "freeze", "last_layers": 1},
-    {"name": "galore", "rank": 4, "target_modules": ["q_proj", "v_proj", "gate_proj"]},
-    {"name": "lora_galore", "r": 4, "rank": 4},
-    {"name": "ia3"},
-    {"name": "prompt_tuning", "num_virtual_tokens": 4},
-]
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +40,17 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
     return path
 
 
+def task_of(method: dict[str, Any]) -> dict[str, Any]:
+    """A classification task for a method whose spec has a classification head."""
+    head = get_method(method["name"]).head != "causal_lm"
+    return {"kind": "classification", "label_names": LABELS, "max_seq_len": 16} if head else {}
+
+
 def run_config(method: dict[str, Any], base_dir: Path, **train: Any) -> RunConfig:
     return validate_config(
         {
             "model": {"name": str(base_dir), "device": "cpu", "dtype": "float32"},
-            "data": {"train_path": "unused", "block_size": 16},
+            "data": {"train_path": "unused", "block_size": 16, **task_of(method)},
             "method": method,
             "train": {"batch_size": 2, "max_steps": 1, **train},
         }
@@ -62,34 +58,51 @@ def run_config(method: dict[str, Any], base_dir: Path, **train: Any) -> RunConfi
 
 
 def measured(cfg: RunConfig, base_dir: Path, tmp_path: Path) -> dict[str, int]:
-    """One real training step with the run's own optimizer; the bytes as resources.py measures them."""
+    """One real training step with the run's own optimizer; the bytes as sizing/resources.py measures them."""
     spec = get_method(cfg.method.name)
-    options = spec.load_options(cfg.method, torch.float32) if spec.load_options else {}
+    options = spec.load_options(cfg.method, torch.float32)
     model = load_model(
         ModelSource(str(base_dir), "tiny"), cfg.model, torch.device("cpu"), torch.float32, options
     )
+    head = spec.head != "causal_lm"
+    if head:
+        write_task_labels(model, LABELS)  # as the training path does, before the head is built
     model = spec.prepare(model, cfg.method)
     model.train()
-    custom = spec.make_optimizer(model, cfg.method, cfg.train) if spec.make_optimizer else None
+    custom = spec.make_optimizer(model, cfg.method, cfg.train)
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, spec, tmp_path, torch.device("cpu"), torch.float32, progress=False),
         optimizers=(custom, None),
     )
     optimizer = trainer.create_optimizer()
-    ids = torch.randint(3, 300, (2, 16))
-    model(input_ids=ids, labels=ids).loss.backward()
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2]) if head else ids  # class indices for a head, tokens otherwise
+    model(input_ids=ids, labels=labels).loss.backward()
     grads = gradient_bytes(model)
     optimizer.step()
     return {
-        "weights": parameter_bytes(model),
+        "weights": parameter_bytes(model) + quantisation_constant_bytes(model),
         "trainable_bytes": parameter_bytes(model, trainable_only=True),
         "gradients": grads,
         "optimizer_state": optimizer_state_bytes(optimizer),
     }
 
 
-@pytest.mark.parametrize("method", METHODS, ids=[f"{m['name']}-{i}" for i, m in enumerate(METHODS)])
+def quantisation_constant_bytes(model: torch.nn.Module) -> int:
+    """bitsandbytes' per-block absmax of every 4-bit weight (and, with double quantisation, the
+    fp32 absmax of those), read from the loaded weights' quant_state."""
+    total = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            if state.nested:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total
+
+
+@pytest.mark.parametrize("method", METHOD_ROWS, ids=ROW_IDS)
 def test_parameter_gradient_and_optimizer_bytes_equal_the_measured_ones(method, base_dir, tmp_path):
     cfg = run_config(method, base_dir)
     from transformers import AutoConfig
@@ -123,7 +136,7 @@ def test_quantised_weights_are_counted_at_four_bits(base_dir):
 @pytest.mark.parametrize("recompute_norms", [False, True])
 def test_traced_activations_equal_a_real_forward_on_this_cpu(base_dir, recompute_norms):
     """The meta-device trace (with fused attention) keeps the same bytes as a real CPU forward,
-    with and without the norm outputs rebuilt in backward (recompute.py)."""
+    with and without the norm outputs rebuilt in backward (model/norm_recompute.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from conftest import saved_activation_bytes

@@ -1,4 +1,4 @@
-"""lean_mlp.py: the silu-gated MLP that saves two activations instead of three computes the same
+"""model/lean_mlp.py: the silu-gated MLP that saves two activations instead of three computes the same
 values and gradients bit for bit, saves exactly one (tokens x intermediate) tensor less per layer, and leaves
 MLPs it does not recognise alone."""
 

@@ -117,8 +117,8 @@ print((rss() - start) / 2**20)
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")
 
-    # PyTorch's default allocator: importing peftlab (here, in pytest) sets THP_MEM_ALLOC_ENABLE=1,
-    # under which these page-aligned buffers are not held either (test_allocator.py)
+    # PyTorch's default allocator (huge-page allocation, which the peftlab command turns on, would
+    # not hold these page-aligned buffers either: test_allocator.py)
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}
 
     def held_mib(mode: str) -> float:

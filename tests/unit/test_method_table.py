@@ -1,8 +1,8 @@
 """One table, every method: the same checks for each registered method on a tiny llama.
 
-Rows are (method config). Each check goes through the project's own path: the registry's prepare,
-the Trainer built by training.training_arguments (so GaLore, 8-bit AdamW and LoRA+ get the optimizer
-they really train with), save_pretrained, and models.load_model.
+Rows are the method configs of tests/method_table.py, which the estimator tests share. Each check goes through the project's own path: the registry's prepare,
+the Trainer built by train.arguments.training_arguments (so GaLore, 8-bit AdamW and LoRA+ get the optimizer
+they really train with), save_pretrained, and model.loading.load_model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from peft import PeftModel
 from transformers import Trainer
 
 from conftest import build_tiny_llama
+from method_table import LABELS, METHOD_ROWS, ROW_IDS
 from peftlab.config.loading import validate_config
 from peftlab.config.run import RunConfig
 from peftlab.methods import get_method, method_names
@@ -30,27 +31,9 @@ from peftlab.train.trainer import (
     output_head,
 )
 
-CASES: list[dict[str, Any]] = [
-    {"name": "full"},
-    {"name": "freeze", "last_layers": 1},
-    {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
-    {"name": "lora", "r": 4, "rslora": True, "lora_plus_ratio": 4.0, "target_modules": "all-linear"},
-    {"name": "dora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
-    {"name": "qlora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
-    {"name": "galore", "rank": 4, "update_proj_gap": 2, "target_modules": ["q_proj", "v_proj"]},
-    {"name": "lora_galore", "r": 4, "rank": 4, "update_proj_gap": 2},
-    {"name": "ia3"},
-    {"name": "prompt_tuning", "num_virtual_tokens": 4},
-    {"name": "prefix_tuning", "num_virtual_tokens": 4},
-    {"name": "classification_head", "r": 4, "target_modules": ["q_proj", "v_proj"]},
-    {"name": "classification_head", "r": 4, "head_only": True},
-]
-LABELS = ["neg", "neutral", "pos"]  # the task of a method whose spec has a classification head
-IDS = [f"{c['name']}-{i}" for i, c in enumerate(CASES)]
-
 
 def test_every_registered_method_has_a_row():
-    assert {c["name"] for c in CASES} == set(method_names())
+    assert {row["name"] for row in METHOD_ROWS} == set(method_names())
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +111,7 @@ def batch(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
 
 
-@pytest.mark.parametrize("method", CASES, ids=IDS)
+@pytest.mark.parametrize("method", METHOD_ROWS, ids=ROW_IDS)
 def test_trainable_count_matches_peft_or_the_formula(method, base_dir, tmp_path):
     cfg = run_config(method, base_dir, tmp_path)
     model = prepared(cfg, base_dir)
@@ -143,7 +126,7 @@ def test_trainable_count_matches_peft_or_the_formula(method, base_dir, tmp_path)
     assert 0 < counts.trainable <= counts.total
 
 
-@pytest.mark.parametrize("method", CASES, ids=IDS)
+@pytest.mark.parametrize("method", METHOD_ROWS, ids=ROW_IDS)
 def test_one_step_changes_every_trainable_tensor_and_no_frozen_one(method, base_dir, tmp_path):
     cfg = run_config(method, base_dir, tmp_path)
     model = prepared(cfg, base_dir)
@@ -160,7 +143,7 @@ def test_one_step_changes_every_trainable_tensor_and_no_frozen_one(method, base_
             assert same, f"frozen {name} changed"
 
 
-@pytest.mark.parametrize("method", CASES, ids=IDS)
+@pytest.mark.parametrize("method", METHOD_ROWS, ids=ROW_IDS)
 def test_loss_is_finite_and_goes_down_on_a_repeated_batch(method, base_dir, tmp_path):
     cfg = run_config(method, base_dir, tmp_path)
     model = prepared(cfg, base_dir)
@@ -177,7 +160,7 @@ def test_loss_is_finite_and_goes_down_on_a_repeated_batch(method, base_dir, tmp_
     assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("method", CASES, ids=IDS)
+@pytest.mark.parametrize("method", METHOD_ROWS, ids=ROW_IDS)
 def test_save_then_load_gives_identical_logits(method, base_dir, tmp_path):
     cfg = run_config(method, base_dir, tmp_path)
     spec = get_method(cfg.method.name)
@@ -202,7 +185,7 @@ def test_save_then_load_gives_identical_logits(method, base_dir, tmp_path):
         )
 
 
-@pytest.mark.parametrize("method", CASES, ids=IDS)
+@pytest.mark.parametrize("method", METHOD_ROWS, ids=ROW_IDS)
 def test_chunked_loss_equals_the_models_own_loss_and_gradients(method, base_dir, tmp_path):
     cfg = run_config(method, base_dir, tmp_path)
     model = prepared(cfg, base_dir)
@@ -267,7 +250,7 @@ def accumulated_gradients(
     cfg = run_config(
         method, base_dir, tmp_path, batch_size=batch_size, grad_accum_steps=accumulation, max_grad_norm=0
     )
-    if has_head(cfg):  # one class index per document, right-padded batches (as data/classes.py builds)
+    if has_head(cfg):  # one class index per document, right-padded batches (as data/class_rows.py builds)
         dataset: Any = ClassDataset([(doc, label) for doc, label in zip(docs, [0, 2, 1, 2], strict=True)])
         collator: Any = ClassCollator(pad_id=0)
     else:

@@ -1,4 +1,4 @@
-"""recompute.py: norm outputs rebuilt in backward give the same loss and gradients bit for bit,
+"""model/norm_recompute.py: norm outputs rebuilt in backward give the same loss and gradients bit for bit,
 keep exactly one (tokens x hidden) tensor less per norm whose output an adapter saves, and refuse
 a norm input changed in place after the forward."""
 

@@ -155,17 +155,17 @@ class TrainConfig(Section):
     release_memory: bool | Literal["auto"] = Field(
         "auto",
         description="CPU runs: give freed activation memory back to the system at once (fixed glibc malloc "
-        "thresholds), so peak RSS stays near the live memory the estimate predicts, at ~15-40% speed where "
-        "page faults are expensive (VMs); false: glibc keeps freed memory for reuse (faster; peak RSS up to "
-        "~1.7x the live memory); auto: release only when the estimate x 1.7 would not fit in RAM.",
+        "thresholds), so peak RSS stays near the live memory the estimate predicts, at a speed cost where "
+        "page faults are expensive (VMs); false: glibc keeps freed memory for reuse (faster, higher peak "
+        "RSS); auto: release only when the estimate times glibc's retention would not fit in RAM. glibc "
+        "cannot undo it: later runs in the same process train under it (recorded in metrics.json).",
     )
     heap_trim_layers: int = Field(
         5,
         ge=0,
         description="CPU runs: give glibc's free heap pages back to the system after every N-th decoder "
         "layer of a training forward pass (little is left to give with release_memory true), so holes "
-        "left by freed temporaries do not count in peak RSS (SmolLM2 LoRA 512x4: peak 3.03 -> 2.73 GiB "
-        "for ~2% of step time in page faults); 0: never.",
+        "left by freed temporaries do not count in peak RSS, for a few page faults; 0: never.",
     )
     loss: Literal["auto", "chunked", "standard"] = Field(
         "auto",
@@ -181,18 +181,17 @@ class TrainConfig(Section):
     recompute_norms: bool = Field(
         True,
         description="The decoder layers' norm outputs that adapters keep for backward (LoRA's input "
-        "on q/k/v) are rebuilt from the norm's input in backward instead: less memory (141 MB on "
-        "SmolLM2-135M LoRA at 512 x 4), the same values.",
+        "on q/k/v) are rebuilt from the norm's input in backward instead: less memory, the same values.",
     )
     onednn_forward: bool = Field(
         True,
         description="CPU fp32 runs compute frozen linear layers' forward (and the chunked loss's "
-        "logits) on oneDNN, which PyTorch ships, instead of MKL: 14-21% faster matmuls measured on "
-        "an AMD EPYC, at about 0.1 GiB more peak RSS; the same values to fp32 rounding.",
+        "logits) on oneDNN, which PyTorch ships, instead of MKL: faster matmuls at a little more peak "
+        "RSS (README); the same values to fp32 rounding.",
     )
     causal_attention_blocks: bool = Field(
         True,
-        description="CPU runs at 256-512 tokens without an attention mask (not padded or packed "
+        description="CPU fp32 runs at 256-512 tokens without an attention mask (not padded or packed "
         "batches) compute causal attention in 128-query blocks, each against the keys before it, "
         "so the masked half is skipped (PyTorch's CPU kernel computes it); the same values to float "
         "rounding.",

@@ -7,7 +7,7 @@ the held-out normalised test records and the counts travel along for evaluation 
 Raw text takes its validation blocks from data.validation_path, else from the end of the training
 blocks. Tokenised examples are cached, keyed by data, tokenizer and settings. For a method whose spec
 has a classification head, classification records become (prompt ids, class index) rows instead
-(data/classes.py: one example a row, right-padded, not cached).
+(data/class_rows.py: one example a row, right-padded, not cached).
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def _class_task(
     counts: Counter[str],
     source: str,
 ) -> TaskData:
-    """(prompt ids, class index) rows for a sequence-classification head (data/classes.py)."""
+    """(prompt ids, class index) rows for a sequence-classification head (data/class_rows.py)."""
     train, validation, test = parts
     examples = tokenize_classes(train, label_names, cfg, tokenizer, counts)
     require_examples(cfg, examples)

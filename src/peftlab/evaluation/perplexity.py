@@ -153,7 +153,7 @@ def score_tokens(
     """Sum NLL and argmax hits over every predicted token of `ids`, windows batched.
 
     With a plain linear output head the model returns its final hidden states and the head and
-    softmax run a chunk of rows at a time (loss.py's kernel), so the (tokens x vocabulary) logits
+    softmax run a chunk of rows at a time (model/chunked_loss.py's kernel), so the (tokens x vocabulary) logits
     never exist: 400 MB per batch of 4 x 512 for SmolLM2, gigabytes for a 128k vocabulary; the
     head's share of the time drops ~10% on this CPU (1.30 s against 1.44 s for 2,048 rows). The
     first batch is also scored from the model's own logits, and a model whose logits are more than

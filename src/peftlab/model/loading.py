@@ -248,8 +248,8 @@ def own_unquantised_weights(model: torch.nn.Module) -> int:
     returns how many tensors were copied.
 
     Its embeddings and norms are still views into the safetensors file's map, which keeps the map
-    open and, with it, the pages of every weight read for quantisation: on SmolLM2 405 MiB of the
-    513 MiB file stayed resident, counted in the run's RSS, beside a 0.16 GiB model. With no view
+    open and, with it, the pages of every weight read for quantisation: most of the file stayed
+    resident and counted in the run's RSS (figures: docs/will-it-fit.md). With no view
     left, the map closes. (transformers' disable_mmap would instead read each whole shard into
     memory while loading: 5 GB at once for a 7B model's shards.) A checkpoint saved already
     quantised may keep its 4-bit data in the map too; that case is left as it is.

@@ -171,6 +171,7 @@ def _optimizer_state_bytes(cfg: RunConfig, spec: Any, model: Any) -> int:
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = spec.make_optimizer(model, cfg.method, cfg.train)
+    eight_bit = False  # bitsandbytes' 8-bit AdamW, as the Trainer builds it
     if optimizer is None:
         args = TrainingArguments(
             output_dir="unused", use_cpu=True, report_to=[], **spec.optimizer_arguments(cfg.method, cfg.train)
@@ -181,23 +182,37 @@ def _optimizer_state_bytes(cfg: RunConfig, spec: Any, model: Any) -> int:
         if "fused" in kwargs:
             kwargs["fused"] = False  # the fused kernel refuses meta tensors; its state is the same
         optimizer = cls(groups, **kwargs)
-        if "bitsandbytes" in str(cls) and kwargs.get("optim_bits") == 8:
-            # As Trainer.create_optimizer does: embeddings keep 32-bit state under 8-bit AdamW.
-            import bitsandbytes
-
-            manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
-            for module in model.modules():
-                if isinstance(module, torch.nn.Embedding):
-                    manager.register_module_override(module, "weight", {"optim_bits": 32})
-    for p in trainable:
-        p.grad = torch.zeros_like(p)
-    with contextlib.suppress(RuntimeError, NotImplementedError):
-        # A state that is built lazily inside the kernel (none of the supported ones) would be
-        # missing from the sum, never double counted.
-        optimizer.step()
-    for p in trainable:
-        p.grad = None
+        eight_bit = "bitsandbytes" in str(cls) and kwargs.get("optim_bits") == 8
+    with _embeddings_at_32_bits(model) if eight_bit else contextlib.nullcontext():
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+        with contextlib.suppress(RuntimeError, NotImplementedError):
+            # A state that is built lazily inside the kernel (none of the supported ones) would be
+            # missing from the sum, never double counted.
+            optimizer.step()
+        for p in trainable:
+            p.grad = None
     return tensor_bytes(list(optimizer.state.values()))
+
+
+@contextlib.contextmanager
+def _embeddings_at_32_bits(model: Any) -> Iterator[None]:
+    """As Trainer.create_optimizer does, embeddings keep 32-bit state under 8-bit AdamW: an override
+    in bitsandbytes' process-wide GlobalOptimManager, read at the first step. The entries added for
+    these meta modules are taken out again afterwards."""
+    import bitsandbytes
+
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    triples, configs = len(manager.module_weight_config_triple), set(manager.pid2config)
+    try:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+        yield
+    finally:
+        del manager.module_weight_config_triple[triples:]
+        for key in set(manager.pid2config) - configs:
+            del manager.pid2config[key]
 
 
 @contextlib.contextmanager

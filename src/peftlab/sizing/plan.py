@@ -1,4 +1,4 @@
-"""Will it fit, and how long will it take: the estimate of estimate.py against a device.
+"""Will it fit, and how long will it take: the estimate of sizing/estimate.py against a device.
 
 `plan(cfg, gpu)` reads the model's config (no weights), estimates memory for the run's shape, finds
 the largest batch size and sequence length that fit the device, estimates time from FLOPs, and
@@ -42,7 +42,7 @@ GPUS = {
 GPU_UTILISATION = 0.40  # model FLOPs utilisation assumed on a GPU (typical for single-GPU fine-tuning)
 CPU_UTILISATION = 0.50  # measured 52% for packed LoRA on SmolLM2 (bench/train_speed.py)
 # Peak RSS with glibc's default malloc over the live memory the estimate counts: 5.45 GiB against
-# 3.25 GiB on a SmolLM2 LoRA step (512 x 4, fp32; allocator.py, bench/train_speed.py).
+# 3.25 GiB on a SmolLM2 LoRA step (512 x 4, fp32; cpu/malloc.py, bench/train_speed.py).
 GLIBC_RETENTION = 1.7
 CUDA_OVERHEAD = int(0.75 * 2**30)  # CUDA context, cuBLAS workspace and allocator slack (stated)
 
@@ -267,7 +267,7 @@ def preflight(cfg: RunConfig, model_config: Any, dtype: torch.dtype, force: bool
 
 
 def must_release_memory(setting: bool | str, estimate: Plan | None) -> bool:
-    """Whether a CPU run fixes glibc's malloc thresholds (allocator.py): always or never when the
+    """Whether a CPU run fixes glibc's malloc thresholds (cpu/malloc.py): always or never when the
     config says so; on auto only when glibc's retention would not fit (or nothing is estimated)."""
     if isinstance(setting, bool):
         return setting
