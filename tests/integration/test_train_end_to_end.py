@@ -40,6 +40,15 @@ def test_train_writes_a_complete_run_folder(tiny_run_config, tiny_model_dir, cap
     assert metrics["attention_calls_in_blocks"] == 0  # 32-token blocks: too short to gain from blocks
     # frozen linears on oneDNN: 2 layers x (q, k, v, o base layers, gate, up, down) + the tied lm_head
     assert metrics["onednn_linear_layers"] == 2 * 7 + 1
+    assert metrics["speedups"] == {
+        "lean_mlp": "on",
+        "recompute_norms": "on",
+        "heap_trim": "on" if _glibc() is not None else "off: no glibc malloc in this process",
+        "causal_attention_blocks": "on",  # on, though these shapes never use the blocks (0 calls)
+        "onednn_forward": "on",
+    }
+    assert metrics["lean_mlps"] == 2
+    assert metrics["release_memory"] == manifest["process"]["malloc_thresholds_fixed"]
 
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     log = [r for r in lines if "loss" in r]
@@ -142,3 +151,15 @@ def test_checkpointing_accumulation_and_periodic_checkpoints_work(tiny_run_confi
     assert metrics["real_tokens_trained"] == 4 * 2 * 2 * 32  # steps x accumulation x batch x block
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert (run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors").is_file()
+
+
+def test_quiet_training_prints_no_log_dicts_and_no_bars(tiny_run_config, tmp_path, capsys):
+    """--quiet: transformers prints each log dict when its bar is off; peftlab removes that printer."""
+    path = tmp_path / "config.yaml"
+    tiny_run_config["train"]["max_steps"] = 3
+    path.write_text(yaml.safe_dump(tiny_run_config))
+    assert main(["train", str(path), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "'loss'" not in captured.out and "'train_runtime'" not in captured.out
+    assert "it/s]" not in captured.err and "s/it]" not in captured.err  # no progress bars
+    assert "tuned" in captured.out and "run folder:" in captured.out  # the table and the folder still print
