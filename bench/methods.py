@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw"
 TEST_TEXT = TRAIN_TEXT.with_name("wiki.test.raw")
 BLOCK, BATCH, SEED = 512, 4, 0
-# The plain script runs with PyTorch's default CPU allocator, as a user's script would; peftlab
-# turns on transparent-huge-page allocation when imported (peftlab/__init__.py).
+# The plain script runs with PyTorch's default CPU allocator, as a user's script would; a peftlab
+# child runs as the `peftlab` command does, with transparent-huge-page allocation for its process
+# (cpu/huge_pages.py: set before torch is imported, as cli.main does).
 PLAIN_ENV = {"THP_MEM_ALLOC_ENABLE": "0"}
 CASES = {
     "full": {"name": "full"},
@@ -200,17 +201,19 @@ def main() -> None:
     args = parser.parse_args()
     out_dir = Path(args.out)
     if args.one:  # child process: one case, one JSON line
-        result = (
-            run_baseline(args.steps, out_dir / "runs")
-            if args.one == "baseline"
-            else run_peftlab(
-                args.one,
-                args.steps,
-                out_dir / "runs",
-                args.eval_tokens,
-                **release_option(args.release_memory),
-            )
-        )
+        if args.one == "baseline":
+            result = run_baseline(args.steps, out_dir / "runs")
+        else:
+            from peftlab.cpu.huge_pages import for_this_command
+
+            with for_this_command():  # what the `peftlab` command sets up before torch loads
+                result = run_peftlab(
+                    args.one,
+                    args.steps,
+                    out_dir / "runs",
+                    args.eval_tokens,
+                    **release_option(args.release_memory),
+                )
         print("RESULT " + json.dumps(result))
         return
     import shutil

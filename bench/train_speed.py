@@ -122,11 +122,15 @@ def main() -> None:
     out_dir = Path(args.out)
     if args.one:
         runners = {"plain": run_baseline, "plain_thp": run_baseline, "naive": run_naive, "lora": run_peftlab}
-        if args.one == "lora":
-            result = run_peftlab("lora", args.steps, out_dir / "runs")
-        elif args.one == "lora_release":  # freed memory back to the system: lower peak RSS, slower
-            result = run_peftlab("lora", args.steps, out_dir / "runs", release_memory=True)
-            result["case"] = "lora, train.release_memory=true"
+        if args.one in ("lora", "lora_release"):
+            from peftlab.cpu.huge_pages import for_this_command
+
+            with for_this_command():  # what the `peftlab` command sets up before torch loads
+                if args.one == "lora":
+                    result = run_peftlab("lora", args.steps, out_dir / "runs")
+                else:  # freed memory back to the system: lower peak RSS, slower
+                    result = run_peftlab("lora", args.steps, out_dir / "runs", release_memory=True)
+                    result["case"] = "lora, train.release_memory=true"
         else:
             result = runners[args.one](args.steps, out_dir / "runs")
             if args.one == "plain_thp":
