@@ -22,6 +22,10 @@ from typing import Any
 
 VARIABLE = "THP_MEM_ALLOC_ENABLE"
 _set_by_command = False  # True while `for_this_command` has set the variable
+# What torch read: c10 reads the variable once, at its first allocation, which importing torch
+# makes. When torch was first imported inside `for_this_command`, this keeps what it read there,
+# so later runs in the same process (after the variable is gone again) record what is in effect.
+_read_by_torch: dict[str, Any] | None = None
 
 
 @contextlib.contextmanager
@@ -29,7 +33,7 @@ def for_this_command() -> Iterator[bool]:
     """Within the block, THP_MEM_ALLOC_ENABLE=1 unless the user set it (a value they chose, e.g. 0,
     is kept) or torch is already imported (then it could no longer take effect). Yields whether it
     was set here; the environment is as before after the block."""
-    global _set_by_command
+    global _set_by_command, _read_by_torch
     if VARIABLE in os.environ or "torch" in sys.modules:
         yield False
         return
@@ -38,13 +42,17 @@ def for_this_command() -> Iterator[bool]:
     try:
         yield True
     finally:
+        if "torch" in sys.modules:  # imported (and so allocated) while the variable was set
+            _read_by_torch = {VARIABLE: "1", "set_by": "peftlab command"}
         _set_by_command = False
         os.environ.pop(VARIABLE, None)
 
 
 def in_effect() -> dict[str, Any]:
-    """For the manifest: the variable's value now and who set it (c10 read it at torch's first
-    CPU allocation in this process)."""
+    """For the manifest: the value c10 read at torch's first CPU allocation in this process and who
+    set it; where torch was imported outside `for_this_command`, the variable's value now."""
+    if _read_by_torch is not None and not _set_by_command:
+        return dict(_read_by_torch)
     value = os.environ.get(VARIABLE)
     set_by = "peftlab command" if _set_by_command else ("environment" if value is not None else None)
     return {VARIABLE: value, "set_by": set_by}
