@@ -1,5 +1,5 @@
 """Where peftlab keeps what it can compute again: converted GGUF models, tokenised data, base
-evaluations. $PEFTLAB_CACHE, else $XDG_CACHE_HOME/peftlab, else ~/.cache/peftlab."""
+evaluations, the content hashes of weight files (fingerprints/). $PEFTLAB_CACHE, else $XDG_CACHE_HOME/peftlab, else ~/.cache/peftlab."""
 
 from __future__ import annotations
 

@@ -48,15 +48,37 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def check_output_dir(parent: str | Path) -> Path:
+    """The output folder (output.dir, ~ expanded), refused in one line when it is a file, lies under
+    a file or cannot be written; nothing is created (so a run can check it before any work)."""
+    parent = Path(parent).expanduser()
+    # the nearest path that exists (os.path answers False where a search permission is missing)
+    existing = next(p for p in (parent, *parent.parents) if os.path.exists(p))
+    if not os.path.isdir(existing):
+        if existing == parent:
+            raise PeftlabError(f"output.dir {parent} is a file, not a folder; set output.dir to a folder")
+        raise PeftlabError(
+            f"cannot create output folder {parent}: {existing} is a file; set output.dir to a folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = (
+            f"output folder {parent}"
+            if existing == parent
+            else f"cannot create output folder {parent}: {existing}"
+        )
+        raise PeftlabError(f"{what} is not writable; set output.dir to a writable folder")
+    return parent
+
+
 def create_run_dir(parent: str | Path, name: str) -> Path:
     """Make runs/<name>/; a name that exists gets a numeric suffix instead of being overwritten."""
-    parent = Path(parent)
+    parent = check_output_dir(parent)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PeftlabError(f"cannot create output folder {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise PeftlabError(f"output folder {parent} is not writable; set output.dir to a writable folder")
+        raise PeftlabError(
+            f"cannot create output folder {parent}: {exc.strerror}; set output.dir to a writable folder"
+        ) from None
     for suffix in range(1000):
         candidate = parent / (name if suffix == 0 else f"{name}-{suffix}")
         try:
@@ -64,6 +86,10 @@ def create_run_dir(parent: str | Path, name: str) -> Path:
             return candidate
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise PeftlabError(
+                f"cannot create run folder {candidate}: {exc.strerror}; set output.dir to a writable folder"
+            ) from None
     raise PeftlabError(f"too many runs named {name!r} in {parent}")
 
 

@@ -1,13 +1,19 @@
-"""Resume after SIGKILL and after Ctrl-C gives exactly the run that was never interrupted."""
+"""Resume after SIGKILL and after Ctrl-C gives exactly the run that was never interrupted.
+
+Every signal is sent by the training process to itself, from a callback, at a chosen step: the
+interruption lands at the same point every time, with no sleeping or polling. Interrupted runs and
+resumed runs train in child processes: a resumed run fixes glibc's malloc thresholds
+(`train.release_memory` auto, and a resumed run is not estimated), which nothing can undo, so doing
+it inside pytest would change the process every later test runs in.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,59 +23,106 @@ from safetensors.torch import load_file
 
 from peftlab.cli import main
 from peftlab.config.loading import validate_config
-from peftlab.train.checkpoints import COMPLETE_MARKER
+from peftlab.cpu import malloc
+from peftlab.train.checkpoints import COMPLETE_MARKER, newest_complete_checkpoint
 from peftlab.train.recipe import train
 
-# Runs peftlab's CLI in a child process whose training pauses after a given step, so the test can
-# kill or interrupt it at a known point.
-CHILD = """
-import sys, time
-from peftlab.train.callbacks import JsonlLogger
+# Runs peftlab's CLI in a child process with a callback that signals the process itself:
+#   sigint N   Ctrl-C in the middle of step N (at its start, so GracefulInterrupt's handler, installed
+#              by train_model, sees it while step N trains: the run saves checkpoint-N and stops)
+#   sigkill N  SIGKILL once checkpoint-N is written, before CheckpointMarker marks it complete
+SIGNAL_AT_STEP = """
+import os, signal, sys
+from transformers import TrainerCallback
 from peftlab.cli import main
-pause_at, pause_seconds = int(sys.argv[1]), float(sys.argv[2])
-original = JsonlLogger.on_log
-def on_log(self, args, state, control, logs=None, **kwargs):
-    original(self, args, state, control, logs=logs, **kwargs)
-    if state.global_step >= pause_at:
-        time.sleep(pause_seconds)
-JsonlLogger.on_log = on_log
+from peftlab.train import recipe
+from peftlab.train.callbacks import CheckpointMarker
+
+how, at = sys.argv[1], int(sys.argv[2])
+
+
+class SignalAtStep(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if how == "sigint" and state.global_step == at - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_save(self, args, state, control, **kwargs):
+        if how == "sigkill" and state.global_step == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+build_trainer = recipe.build_trainer
+
+
+def build_trainer_with_signal(run, model):
+    trainer = build_trainer(run, model)
+    callbacks = trainer.callback_handler.callbacks
+    marker = next(i for i, cb in enumerate(callbacks) if isinstance(cb, CheckpointMarker))
+    callbacks.insert(marker, SignalAtStep())  # on_save runs before the marker's
+    return trainer
+
+
+recipe.build_trainer = build_trainer_with_signal
 sys.exit(main(sys.argv[3:]))
 """
 
-
-def logged_steps(run: Path) -> list[int]:
-    log = run / "log.jsonl"
-    return [json.loads(line)["step"] for line in log.read_text().splitlines()] if log.is_file() else []
+CHILD_TIMEOUT = 300  # seconds; a few on an idle machine, but the CPU may be shared
 
 
-def wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for the child process")
+@pytest.fixture(autouse=True)
+def _malloc_left_as_it_was():
+    """Nothing here fixes this process's malloc thresholds: every resume runs in a child."""
+    before = malloc.memory_released()
+    yield
+    assert malloc.memory_released() == before, "a test fixed pytest's glibc malloc thresholds"
 
 
 @pytest.fixture()
 def resumable(tiny_run_config, tmp_path):
-    tiny_run_config["train"].update(max_steps=6, save_steps=2, save_total_limit=5)
+    """An uninterrupted reference run, and the config and script for a run that will be stopped."""
+    tiny_run_config["train"].update(max_steps=6, save_steps=2, save_total_limit=5, seed=0)
     tiny_run_config["eval"]["enabled"] = False
-    reference = train(validate_config(tiny_run_config), progress=False).run_dir
+    # in this process: never fix the malloc thresholds (auto would not either, for the tiny model)
+    reference_config = copy.deepcopy(tiny_run_config)
+    reference_config["train"]["release_memory"] = False
+    reference = train(validate_config(reference_config), progress=False).run_dir
     config = tmp_path / "config.yaml"
     tiny_run_config["output"]["name"] = "victim"
     config.write_text(yaml.safe_dump(tiny_run_config))
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
+    script = tmp_path / "signal_at_step.py"
+    script.write_text(SIGNAL_AT_STEP)
     return reference, config, script, Path(tiny_run_config["output"]["dir"]) / "victim"
+
+
+def run_stopped_at(script: Path, how: str, step: int, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(script), how, str(step), "train", str(config), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+    )
+
+
+def resume_in_child(run: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "peftlab", "train", "--resume", str(run), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming {run} from " in done.stdout
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def assert_same_run(reference: Path, resumed: Path) -> None:
     a = load_file(reference / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "adapters differ"
-    ref_log = [json.loads(x) for x in (reference / "log.jsonl").read_text().splitlines()]
-    got_log = [json.loads(x) for x in (resumed / "log.jsonl").read_text().splitlines()]
+    ref_log, got_log = read_log(reference), read_log(resumed)
     assert [r["step"] for r in got_log if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in got_log if "loss" in r] == [r["loss"] for r in ref_log if "loss" in r]
     # validation at every save (steps 2, 4, 6), each once, with the same losses
@@ -86,48 +139,39 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(resumable):
     reference, config, script, victim = resumable
-    child = subprocess.Popen([sys.executable, str(script), "3", "60", "train", str(config), "--quiet"])
-    try:
-        wait_for(
-            lambda: (
-                3 in logged_steps(victim)
-                and (victim / "checkpoints" / "checkpoint-2" / COMPLETE_MARKER).is_file()
-            )
-        )
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    killed = run_stopped_at(script, "sigkill", 4, config)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert json.loads((victim / "manifest.json").read_text())["status"] == "running"
     assert not (victim / "metrics.json").exists()
-    # A checkpoint the kill landed in the middle of: files but no completion marker. Never taken.
+    # The kill landed in the middle of checkpoint-4: its files are written, its marker is not.
     partial = victim / "checkpoints" / "checkpoint-4"
-    partial.mkdir()
-    (partial / "adapter_model.safetensors").write_bytes(b"half")
-    assert main(["train", "--resume", str(victim), "--quiet"]) == 0
+    assert (partial / "adapter_model.safetensors").is_file()
+    assert not (partial / COMPLETE_MARKER).exists()
+    assert newest_complete_checkpoint(victim) == victim / "checkpoints" / "checkpoint-2"
+    assert [r["step"] for r in read_log(victim)][-2:] == [4, 4]  # step 4's loss and validation
+    resume_in_child(victim)
     assert_same_run(reference, victim)
     manifest = json.loads((victim / "manifest.json").read_text())
-    assert manifest["resumed"][0]["from"] == "checkpoint-2"
+    assert [r["from"] for r in manifest["resumed"]] == ["checkpoint-2"]
 
 
 def test_ctrl_c_saves_marks_interrupted_and_resumes_exactly(resumable):
     reference, config, script, victim = resumable
-    child = subprocess.Popen(
-        [sys.executable, str(script), "2", "1.5", "train", str(config), "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for(lambda: 2 in logged_steps(victim))
-    os.kill(child.pid, signal.SIGINT)
-    out, err = child.communicate(timeout=120)
-    assert child.returncode == 130, err
-    assert f"resume with: peftlab train --resume {victim}" in out
+    stopped = run_stopped_at(script, "sigint", 3, config)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "interrupt: saving a checkpoint after this step" in stopped.stdout
+    assert f"interrupted at step 3; resume with: peftlab train --resume {victim}" in stopped.stdout
     manifest = json.loads((victim / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"
     assert not (victim / "metrics.json").exists()
-    assert (victim / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).is_file()
-    assert main(["train", "--resume", str(victim), "--quiet"]) == 0
+    # step 3 finished, was saved and marked complete, and nothing after it ran
+    assert newest_complete_checkpoint(victim) == victim / "checkpoints" / "checkpoint-3"
+    assert sorted(p.name for p in (victim / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert [r["step"] for r in read_log(victim) if "loss" in r] == [1, 2, 3]
+    resume_in_child(victim)
     assert_same_run(reference, victim)
+    manifest = json.loads((victim / "manifest.json").read_text())
+    assert [r["from"] for r in manifest["resumed"]] == ["checkpoint-3"]
 
 
 @pytest.mark.parametrize(
@@ -139,7 +183,9 @@ def test_ctrl_c_saves_marks_interrupted_and_resumes_exactly(resumable):
     ],
 )
 def test_resume_refuses_what_it_cannot_resume(tiny_run_config, tmp_path, capsys, setup, message):
+    # in this process: the refusal comes before anything process-wide (the autouse fixture checks)
     tiny_run_config["eval"]["enabled"] = False
+    tiny_run_config["train"]["release_memory"] = False
     target = tmp_path / "nothing"
     if setup != "missing":
         target = train(validate_config(tiny_run_config), progress=False).run_dir

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, and no
+    number may be infinite or NaN (`lr: .inf` would train to NaN weights, `epochs: .inf` forever)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -121,6 +122,22 @@ class DataConfig(Section):
         True, description="Remove train records that also occur in the test or validation set."
     )
     cache: bool = Field(True, description="Cache tokenised data (keyed by data, tokenizer and settings).")
+
+    @field_validator("label_names")
+    @classmethod
+    def _label_names_usable(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        if not names:
+            raise ValueError("is empty; list the label names, or null to take them from the data")
+        if any(not name.strip() for name in names):
+            raise ValueError("holds an empty name; every label needs a name")
+        if any(name != name.strip() for name in names):
+            raise ValueError("holds a name with leading or trailing spaces (labels in the data are stripped)")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"names {', '.join(map(repr, repeated))} more than once; list each label once")
+        return names
 
 
 class TrainConfig(Section):

@@ -25,6 +25,11 @@ ROLES = {
     "bot": "assistant",
     "model": "assistant",
 }
+# Turns of tools and function calls: no chat template here renders them, so they are dropped
+# (counted in unknown_role_messages_dropped); any other role is a bad record (a typo would silently
+# drop turns).
+DROPPED_ROLES = {"tool", "function", "function_call", "tool_call", "ipython", "observation"}
+KNOWN_ROLES = "system, user (human, prompter), assistant (gpt, bot, model)"
 # Canonical field names per format; `fields` in the config maps them to the data's own names.
 FORMAT_FIELDS: dict[str, list[str]] = {
     "text": ["text"],
@@ -62,9 +67,26 @@ def _get(rec: RawRecord, name: str, mapping: dict[str, str], required: bool = Tr
     return rec.fields[key]
 
 
+# What a value from JSON, CSV or parquet is, as its file calls it.
+KINDS = {
+    "NoneType": "null",
+    "dict": "an object",
+    "list": "a list",
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+}
+
+
+def kind_of(value: Any) -> str:
+    """'null', 'an object', 'a list', 'a string', 'an integer', ...: for messages about a value's type."""
+    return KINDS.get(type(value).__name__, f"a {type(value).__name__}")
+
+
 def _str(value: Any, rec: RawRecord, name: str) -> str:
     if not isinstance(value, str):
-        raise Skipped(f"{rec.where}: field {name!r} is a {type(value).__name__}, expected text")
+        raise Skipped(f"{rec.where}: field {name!r} is {kind_of(value)}, expected text")
     return value
 
 
@@ -74,20 +96,30 @@ def alpaca_prompt(instruction: str, input_text: str | None) -> str:
 
 
 def normalise_messages(raw: list[Any], rec: RawRecord, counts: Counter[str]) -> list[dict[str, str]]:
-    """Map roles, drop unknown ones (counted), merge nothing yet, cut to end on an assistant turn."""
+    """Map roles, drop tool and function turns (counted), refuse any other role, merge nothing yet,
+    cut to end on an assistant turn."""
     if not isinstance(raw, list):
-        raise Skipped(f"{rec.where}: messages must be a list, got a {type(raw).__name__}")
+        raise Skipped(f"{rec.where}: messages must be a list, got {kind_of(raw)}")
     out: list[dict[str, str]] = []
-    for msg in raw:
+    for number, msg in enumerate(raw, start=1):
+        where = f"{rec.where}: message {number}"
         if not isinstance(msg, dict):
-            raise Skipped(f"{rec.where}: a message is a {type(msg).__name__}, expected an object")
+            raise Skipped(f"{where} is {kind_of(msg)}, expected an object with role and content")
         role = msg.get("role", msg.get("from"))
-        content = msg.get("content", msg.get("value"))
-        mapped = ROLES.get(str(role).lower())
+        if not isinstance(role, str) or not role.strip():
+            raise Skipped(f"{where} has no role (a 'role' or 'from' field: {KNOWN_ROLES})")
+        mapped = ROLES.get(role.strip().lower())
         if mapped is None:
-            counts["unknown_role_messages_dropped"] += 1
-            continue
-        out.append({"role": mapped, "content": _str(content, rec, "content")})
+            if role.strip().lower() in DROPPED_ROLES:
+                counts["unknown_role_messages_dropped"] += 1
+                continue
+            raise Skipped(f"{where} has role {role!r}; known roles: {KNOWN_ROLES}")
+        content = msg.get("content", msg.get("value"))
+        if content is None:
+            raise Skipped(f"{where} has no content (a 'content' or 'value' field holding text)")
+        if not isinstance(content, str):
+            raise Skipped(f"{where}: content is {kind_of(content)}, expected text")
+        out.append({"role": mapped, "content": content})
     while out and out[-1]["role"] != "assistant":
         out.pop()
         counts["trailing_user_turns_cut"] += 1
@@ -104,7 +136,13 @@ def normalise_record(
     if fmt == "classification":
         text = _str(_get(rec, "text", mapping), rec, "text")
         label = _get(rec, "label", mapping)
+        if not isinstance(label, str | int | float):  # None, a list, an object
+            raise Skipped(f"{rec.where}: label is {kind_of(label)}, expected a label name or index")
         name = str(label).strip()
+        if not name:
+            raise Skipped(f"{rec.where}: label is empty")
+        if not text.strip():
+            raise Skipped(f"{rec.where}: text is empty")
         if label_names is not None:
             if name.lstrip("-").isdigit() and name not in label_names:
                 index = int(name)

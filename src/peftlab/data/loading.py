@@ -32,9 +32,15 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: line {line} is not valid UTF-8 (byte offset {exc.start})") from None
 
 
+def _lines(text: str) -> list[str]:
+    """Lines as a text-mode file reads them (\n, \r\n or \r): str.splitlines would also cut at
+    U+2028, form feeds and other separators a JSON string or a cell may hold."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _jsonl(path: Path) -> list[RawRecord]:
     out = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(_lines(_read_text(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -67,27 +73,48 @@ def _json(path: Path) -> list[RawRecord]:
     return out
 
 
+def _csv_rows(path: Path, delimiter: str) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of every non-empty line; quotes are plain characters (QUOTE_NONE)."""
+    reader = csv.reader(_lines(_read_text(path)), delimiter=delimiter, quoting=csv.QUOTE_NONE)
+    rows = []
+    try:
+        for row in reader:
+            if row:
+                rows.append((reader.line_num, row))
+    except csv.Error as exc:
+        # the csv module refuses cells over its process-wide field limit; raising that limit would
+        # change it for every other reader in the process, so the cell is refused instead
+        line = reader.line_num
+        if "field larger than field limit" in str(exc):
+            raise DataError(
+                f"{path}: line {line} has a cell longer than {csv.field_size_limit():,} characters "
+                "(the csv reader's limit); shorten it or store the data as jsonl"
+            ) from None
+        raise DataError(
+            f"{path}: line {line} cannot be read as {delimiter!r}-separated cells ({exc})"
+        ) from None
+    return rows
+
+
 def _tabular(path: Path, delimiter: str, header: bool | None, columns: list[str] | None) -> list[RawRecord]:
-    rows = list(csv.reader(_read_text(path).splitlines(), delimiter=delimiter, quoting=csv.QUOTE_NONE))
-    rows = [r for r in rows if r]
+    rows = _csv_rows(path, delimiter)
     if not rows:
         return []
+    first = rows[0][1]
     if header is None:  # a header row has no purely numeric cell, and its last cell differs in kind
-        header = not any(cell.strip().lstrip("-").isdigit() for cell in rows[0]) and columns is None
+        header = not any(cell.strip().lstrip("-").isdigit() for cell in first) and columns is None
     names = (
-        rows[0]
+        first
         if header
-        else (columns or ["text", "label"][: len(rows[0])] + [f"col{i}" for i in range(2, len(rows[0]))])
+        else (columns or ["text", "label"][: len(first)] + [f"col{i}" for i in range(2, len(first))])
     )
-    body = rows[1:] if header else rows
-    first_line = 2 if header else 1
     out = []
-    for offset, row in enumerate(body):
+    for line, row in rows[1:] if header else rows:
         if len(row) != len(names):
             raise DataError(
-                f"{path}: line {first_line + offset} has {len(row)} fields, expected {len(names)} ({', '.join(names)})"
+                f"{path}: line {line} has {len(row)} fields, expected {len(names)} ({', '.join(names)})"
             )
-        out.append(RawRecord(dict(zip(names, row, strict=True)), f"{path}: line {first_line + offset}"))
+        out.append(RawRecord(dict(zip(names, row, strict=True)), f"{path}: line {line}"))
     return out
 
 

@@ -24,12 +24,13 @@ import torch
 from peftlab.cache import cache_dir
 from peftlab.config.sections import DataConfig
 from peftlab.data.class_rows import ClassCollator, ClassDataset, padding_bound, tokenize_classes
-from peftlab.data.formats import normalise
+from peftlab.data.formats import detect_format, normalise
 from peftlab.data.lm import build_blocks, build_train_blocks
-from peftlab.data.loading import load_raw
+from peftlab.data.loading import RawRecord, load_raw
 from peftlab.data.packing import BlockDataset, PackedBlocks, PackedCollator, PackedDataset, pack_examples
 from peftlab.data.splits import remove_overlap, sample, split_by_group
 from peftlab.data.templates import Example, tokenize_chat, tokenize_classification
+from peftlab.data.text import skipped_files
 from peftlab.errors import DataError
 
 
@@ -45,9 +46,15 @@ class TaskData:
 
 def _load_normalised(path: str, cfg: DataConfig, counts: Counter[str]) -> list[dict[str, Any]]:
     raw = load_raw(path, cfg.file_format, cfg.header, cfg.columns)
-    fmt = (
+    fmt: str = (
         cfg.format if cfg.format != "auto" else ("classification" if cfg.kind == "classification" else "auto")
     )
+    if fmt == "auto" and raw:
+        try:
+            fmt = detect_format(raw[0].fields, cfg.fields)
+        except DataError as exc:
+            raise DataError(f"{raw[0].where}: {exc}") from None
+    _check_format_fits_kind(fmt, cfg, raw)
     kept: list[int] = []
     records = normalise(raw, fmt, cfg.fields, cfg.label_names, cfg.on_error, counts, kept)
     if cfg.group_key is not None:  # carry the group key for the split; removed again afterwards
@@ -57,6 +64,34 @@ def _load_normalised(path: str, cfg: DataConfig, counts: Counter[str]) -> list[d
                 raise DataError(f"{raw[index].where}: missing group field {key!r} (data.group_key)")
             rec["_group"] = str(raw[index].fields[key])
     return records
+
+
+CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+
+
+def _check_format_fits_kind(fmt: str, cfg: DataConfig, raw: list[RawRecord]) -> None:
+    """Chat data must give conversations and classification data (text, label) records: otherwise
+    the run would train on something else than data.kind says, and evaluate it as data.kind."""
+    if cfg.kind == "text" or fmt == "auto":  # auto: no records (normalise says so)
+        return
+    wanted = CHAT_FORMATS if cfg.kind == "chat" else ("classification",)
+    if fmt in wanted:
+        return
+    needs = (
+        "conversations (fields messages, conversations, instruction + output, or prompt + completion)"
+        if cfg.kind == "chat"
+        else "records with a text and a label"
+    )
+    kind = "chat" if fmt in CHAT_FORMATS else fmt
+    if cfg.format != "auto":
+        raise DataError(
+            f"data.kind={cfg.kind} needs {needs}, but data.format={fmt} gives {kind} records; "
+            f"set data.format={wanted[0] if len(wanted) == 1 else 'auto'}, or data.kind={kind}"
+        )
+    raise DataError(
+        f"{raw[0].where}: data.kind={cfg.kind} needs {needs}, but this record has fields "
+        f"{sorted(raw[0].fields)}; map field names with data.fields, or set data.kind={kind}"
+    )
 
 
 def _example(rec: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> Example:
@@ -131,6 +166,7 @@ def _text_task(cfg: DataConfig, tokenizer: Any) -> TaskData:
         "validation_source": source,
         "validation_blocks": len(validation) if validation is not None else 0,
         "validation_real_tokens": validation.real_tokens if validation is not None else 0,
+        **_skipped(cfg),
     }
     return TaskData(
         BlockDataset(blocks), None, [], None, stats, BlockDataset(validation) if validation else None
@@ -193,7 +229,14 @@ def split_counts(
         "validation_records": len(validation),
         "test_records": len(test),
         "validation_source": source,
+        **_skipped(cfg),
     }
+
+
+def _skipped(cfg: DataConfig) -> dict[str, Any]:
+    """The files of a train_path folder that were skipped as not data (README, hidden files), if any."""
+    names = skipped_files(cfg.train_path)
+    return {"skipped_files": names} if names else {}
 
 
 def _class_task(

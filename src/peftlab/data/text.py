@@ -12,18 +12,65 @@ TEXT_SUFFIXES = {".txt", ".raw", ".text", ".md", ""}
 WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
 
 
+# Files in a data folder that are about the data, not data: hidden files (.DS_Store, ._* AppleDouble,
+# .gitignore) and these names, whatever their suffix (README, README.md, LICENSE.txt, SOURCE.txt, ...).
+NOT_DATA_STEMS = {
+    "readme",
+    "license",
+    "licence",
+    "copying",
+    "notice",
+    "authors",
+    "contributors",
+    "changelog",
+    "changes",
+    "citation",
+    "source",
+}
+
+
+# ... and README_de, LICENSE-MIT, DATA_LICENSE and the like
+NOT_DATA_AFFIXED = re.compile(r"^(?:[a-z0-9]+[_-])?(?:readme|licen[cs]e)(?:[_-][a-z0-9]+)?$")
+
+
+def is_data_file(file: Path) -> bool:
+    """A text file of a data folder that holds data (see NOT_DATA_STEMS)."""
+    stem = file.stem.lower()
+    if file.name.startswith(".") or stem in NOT_DATA_STEMS or NOT_DATA_AFFIXED.match(stem):
+        return False
+    return file.suffix in TEXT_SUFFIXES
+
+
+def folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The text files of a folder that are read (sorted, for reproducibility) and the files that are
+    skipped as not data (hidden files, README, LICENSE, ...; sorted); other suffixes are not listed."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    read = [p for p in files if is_data_file(p)]
+    skipped = [
+        p for p in files if not is_data_file(p) and (p.name.startswith(".") or p.suffix in TEXT_SUFFIXES)
+    ]
+    return read, skipped
+
+
+def skipped_files(path: str | Path) -> list[str]:
+    """Names of the files a data folder holds that read_text_files skips as not data ([] for a file)."""
+    path = Path(path).expanduser()
+    return [p.name for p in folder_files(path)[1]] if path.is_dir() else []
+
+
 def read_text_files(path: str | Path) -> list[tuple[str, str]]:
-    """(file name, text) for a file, or for every text file in a folder (sorted, for reproducibility)."""
+    """(file name, text) for a file, or for every data text file in a folder (sorted, for
+    reproducibility; hidden files and README-like files are skipped: folder_files)."""
     path = Path(path).expanduser()
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(
-            p for p in path.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES and p.name != "SOURCE.txt"
-        )
+        files, skipped = folder_files(path)
         if not files:
+            also = f"; skipped as not data: {', '.join(p.name for p in skipped)}" if skipped else ""
             raise DataError(
-                f"folder {path} has no text files ({', '.join(sorted(s or 'no suffix' for s in TEXT_SUFFIXES))})"
+                f"folder {path} has no text files "
+                f"({', '.join(sorted(s or 'no suffix' for s in TEXT_SUFFIXES))}){also}"
             )
     else:
         raise DataError(f"data file or folder not found: {path} (relative paths start at {Path.cwd()})")

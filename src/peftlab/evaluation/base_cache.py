@@ -1,6 +1,10 @@
 """The base model's evaluation, computed once per (model, evaluation inputs, settings) and reused:
 $PEFTLAB_CACHE/evals/<key>.json, key = hash(model identity, inputs, evaluation settings). A sweep
-that trains many methods on one base scores that base once."""
+that trains many methods on one base scores that base once.
+
+The model's identity is its content (model/fingerprint.py): a folder whose weights were rewritten in
+place is a new model. A hub model whose revision cannot be resolved to a commit offline is not
+cached: what that name points to can move."""
 
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from peftlab.config.run import RunConfig
 from peftlab.config.sections import EvalConfig
 from peftlab.evaluation.inputs import EvalInputs
 from peftlab.evaluation.runner import evaluate_model
-from peftlab.model.loading import model_fingerprint
+from peftlab.model.fingerprint import is_pinned, model_fingerprint
 from peftlab.run_setup import RunSetup
 from peftlab.runs import atomic_write_json, now_iso
 
-CACHE_VERSION = 1  # bump when a metric's definition changes, so old cached base results are not reused
+# bump when a metric's definition or the key changes, so old cached base results are not reused
+# (2: the model's identity is a hash of its content, no longer its files' names and sizes)
+CACHE_VERSION = 2
 
 
 def model_identity(
@@ -61,7 +67,14 @@ def evaluate_base(
 ) -> tuple[dict[str, Any], bool]:
     """The base model's evaluation, from the cache when the same model was scored on the same inputs
     with the same settings; returns (result, cache hit)."""
+    fingerprint = str(identity.get("fingerprint", ""))
     path = base_cache_path(identity, cfg.eval, inputs) if cfg.eval.cache else None
+    if path is not None and not is_pinned(fingerprint):
+        print(
+            f"base evaluation: not cached, the model's identity {fingerprint} can move (its revision "
+            "is not resolved to a commit in the local hub cache); pin model.revision to a commit"
+        )
+        path = None
     if path is not None and path.is_file():
         try:
             result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))["result"]
@@ -81,6 +94,10 @@ def score_base(
 ) -> tuple[dict[str, Any], bool]:
     """`evaluate_base` for the model `setup` loaded; returns (result, cache hit)."""
     identity = model_identity(
-        model_fingerprint(setup.source), cfg, setup.device, setup.dtype, setup.load_options
+        model_fingerprint(setup.source, cfg.model.revision),
+        cfg,
+        setup.device,
+        setup.dtype,
+        setup.load_options,
     )
     return evaluate_base(model, setup.tokenizer, cfg, inputs, identity, progress)

@@ -146,6 +146,29 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def gguf_failure(gguf: Path, exc: BaseException) -> str:
+    """One line on why a GGUF file could not be converted. The file is parsed again on its own
+    (header and tensor table, a memory map; seconds for a large vocabulary, so only on failure): a
+    file the gguf reader cannot parse is cut short or corrupt; else transformers' own first line."""
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(gguf)
+    except ImportError:  # transformers' own message names the package
+        pass
+    except Exception as reader_exc:  # struct, numpy and value errors on a cut file
+        return (
+            f"GGUF file {gguf} ({gguf.stat().st_size:,} bytes) is cut short or corrupt; download or "
+            f"copy it again (gguf reader: {_first_line(reader_exc)})"
+        )
+    return f"could not read GGUF file {gguf}: {_first_line(exc)}"
+
+
 def converted_gguf_folder(gguf: Path) -> Path:
     """De-quantise a GGUF file once into cache_dir()/models/<stem>-<hash>/ (safetensors)."""
     if not gguf.is_file():
@@ -167,7 +190,7 @@ def converted_gguf_folder(gguf: Path) -> Path:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
     except Exception as exc:  # the gguf reader raises many types for a corrupt file
-        raise ModelError(f"could not read GGUF file {gguf}: {exc}") from None
+        raise ModelError(gguf_failure(gguf, exc)) from None
     # The de-quantised weights are plain fp32 tensors; drop the GGUF marker so they can be saved.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -190,9 +213,34 @@ def converted_gguf_folder(gguf: Path) -> Path:
     return target
 
 
+# A local model folder holds its vocabulary in one of these (fast tokenizer, sentencepiece, BPE or
+# WordPiece vocabulary, tiktoken/tekken); tokenizer_config.json alone is not a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "tekken.json",
+)
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES) or any(folder.glob("*.tiktoken"))
+
+
 def load_tokenizer(source: ModelSource, cfg: ModelConfig) -> Any:
+    """The model's tokenizer; it must have an EOS token (documents and replies end with it, and it
+    pads when the tokenizer has no pad token)."""
     from transformers import AutoTokenizer
 
+    folder = Path(source.path)
+    if source.gguf_file is None and folder.is_dir() and not has_tokenizer_files(folder):
+        raise ModelError(
+            f"model folder {folder} has no tokenizer files (tokenizer.json, tokenizer.model or "
+            "vocab.json); copy them from the model's original folder"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source.path,
@@ -200,8 +248,15 @@ def load_tokenizer(source: ModelSource, cfg: ModelConfig) -> Any:
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
         )
-    except OSError as exc:
-        raise ModelError(f"could not load the tokenizer of {source.description}: {exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: files present but no backend can read them
+        raise ModelError(
+            f"could not load the tokenizer of {source.description}: {_first_line(exc)}"
+        ) from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(
+            f"the tokenizer of {source.description} has no EOS token, which peftlab puts at the end of "
+            "every document and reply; set eos_token in its tokenizer_config.json"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -304,17 +359,3 @@ def check_lengths(config: Any, lengths: dict[str, int | None]) -> None:
             raise ModelError(
                 f"{key}={length} is over the model's limit of {limit} positions; use {key}<={limit}"
             )
-
-
-def model_fingerprint(source: ModelSource) -> str:
-    """A short hash of the weights' files (name, size), cheap enough for every run's manifest."""
-    path = Path(source.path)
-    if not path.is_dir():
-        return f"hub:{source.path}"
-    digest = hashlib.sha256()
-    for file in sorted(path.glob("*.safetensors")):
-        digest.update(f"{file.name}:{file.stat().st_size}".encode())
-    origin = path / "peftlab_source.json"
-    if origin.is_file():
-        digest.update(origin.read_bytes())
-    return digest.hexdigest()[:16]

@@ -34,10 +34,10 @@ from peftlab.evaluation.base_cache import score_base
 from peftlab.evaluation.inputs import EvalInputs, build_eval_inputs
 from peftlab.evaluation.runner import evaluate_model, plot_confusions, record_comparison
 from peftlab.methods import MethodSpec, get_method
+from peftlab.model.fingerprint import model_fingerprint
 from peftlab.model.loading import (
     build_on_meta,
     load_model,
-    model_fingerprint,
 )
 from peftlab.model.structure import ParamCounts, count_parameters, write_task_labels
 from peftlab.run_setup import RunSetup, set_up
@@ -46,6 +46,7 @@ from peftlab.runs import (
     atomic_write_json,
     atomic_write_text,
     base_manifest,
+    check_output_dir,
     create_run_dir,
     now_iso,
 )
@@ -130,6 +131,8 @@ def train(
 def start_run(cfg: RunConfig, progress: bool, resume_dir: Path | None, force: bool) -> Run:
     """Everything that can fail on bad input, before a run folder exists; then the folder."""
     checkpoint = checkpoint_to_resume(resume_dir) if resume_dir is not None else None
+    if resume_dir is None:
+        check_output_dir(cfg.output.dir)  # a bad output folder fails before any work
     spec = get_method(cfg.method.name)
     set_seed(cfg.train.seed)
     setup = set_up(cfg, spec)  # lengths and data first: bad input fails before a run folder exists
@@ -164,7 +167,7 @@ def new_run_folder(cfg: RunConfig, setup: RunSetup, eval_inputs: EvalInputs | No
         model={
             "name": cfg.model.name,
             "source": setup.source.description,
-            "fingerprint": model_fingerprint(setup.source),
+            "fingerprint": model_fingerprint(setup.source, cfg.model.revision),
         },
         data={
             "train_path": cfg.data.train_path,
