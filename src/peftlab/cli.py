@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
+from types import FrameType
 
 from peftlab.errors import PeftlabError
 
@@ -136,6 +139,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from peftlab.compare.executors import run_sweep
+    from peftlab.compare.report import write_report
+    from peftlab.compare.sweep import dry_run_table, load_sweep
+
+    sweep = load_sweep(args.sweep, args.overrides)
+    print(dry_run_table(sweep))
+    if args.dry_run:
+        return 0
+    state = run_sweep(sweep, progress=not args.quiet)
+    written = write_report([sweep.folder], sweep.folder / "report", force=False)
+    print(f"report: {written['summary.md']}")
+    if state["failed"]:
+        print(
+            f"peftlab: {len(state['failed'])} of {len(sweep.points)} points failed: {', '.join(state['failed'])}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from peftlab.compare.report import write_report
+
+    paths = [Path(p) for p in args.paths]
+    out = Path(args.out) if args.out else (paths[0] / "report" if len(paths) == 1 else Path("report"))
+    written = write_report(paths, out, force=args.force)
+    for name in ("comparison.csv", "summary.csv", "comparison.md", "summary.md"):
+        print(f"written: {written[name]}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from peftlab.methods import get_method, method_names
 
@@ -191,6 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser(
+        "compare",
+        help="run a sweep (equal token budgets, one process per run, finished runs skipped) and report",
+    )
+    p.add_argument("sweep", help="a sweep file (see configs/sweeps/)")
+    p.add_argument("overrides", nargs="*", help="overrides of the base run config, e.g. data.sample=200")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded runs and stop")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="tables, plots and findings from run folders or a sweep folder")
+    p.add_argument("paths", nargs="+", metavar="DIR", help="a sweep folder, or run folders")
+    p.add_argument("--out", help="report folder (default: DIR/report for one folder)")
+    p.add_argument("--force", action="store_true", help="compare runs that differ in more than axes and seed")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("methods", help="list the registered fine-tuning methods")
     p.set_defaults(func=cmd_methods)
     return parser
@@ -199,8 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from peftlab.cpu.huge_pages import for_this_command
 
-    with for_this_command():  # before anything imports torch (cpu/huge_pages.py)
+    with for_this_command(), _terminate_as_interrupt():  # THP before anything imports torch
         return _run_command(build_parser().parse_args(argv))
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """For the command's duration, SIGTERM (timeout, batch schedulers, Kubernetes, Ray) stops it as
+    Ctrl-C does, so a run is marked interrupted instead of staying "running"; while training,
+    GracefulInterrupt's handler saves a checkpoint first. The previous handler comes back after."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_command(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from peftlab.train.recipe import train
 # Runs peftlab's CLI in a child process with a callback that signals the process itself:
 #   sigint N   Ctrl-C in the middle of step N (at its start, so GracefulInterrupt's handler, installed
 #              by train_model, sees it while step N trains: the run saves checkpoint-N and stops)
+#   sigterm N  the same with SIGTERM (what timeout, batch schedulers and Ray's cancellation send)
 #   sigkill N  SIGKILL once checkpoint-N is written, before CheckpointMarker marks it complete
 SIGNAL_AT_STEP = """
 import os, signal, sys
@@ -43,8 +44,8 @@ how, at = sys.argv[1], int(sys.argv[2])
 
 class SignalAtStep(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
-        if how == "sigint" and state.global_step == at - 1:
-            os.kill(os.getpid(), signal.SIGINT)
+        if how in ("sigint", "sigterm") and state.global_step == at - 1:
+            os.kill(os.getpid(), signal.SIGINT if how == "sigint" else signal.SIGTERM)
 
     def on_save(self, args, state, control, **kwargs):
         if how == "sigkill" and state.global_step == at:
@@ -155,11 +156,12 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(resumable):
     assert [r["from"] for r in manifest["resumed"]] == ["checkpoint-2"]
 
 
-def test_ctrl_c_saves_marks_interrupted_and_resumes_exactly(resumable):
+@pytest.mark.parametrize(("how", "said"), [("sigint", "Ctrl-C"), ("sigterm", "SIGTERM")])
+def test_ctrl_c_or_sigterm_saves_marks_interrupted_and_resumes_exactly(resumable, how, said):
     reference, config, script, victim = resumable
-    stopped = run_stopped_at(script, "sigint", 3, config)
+    stopped = run_stopped_at(script, how, 3, config)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
-    assert "interrupt: saving a checkpoint after this step" in stopped.stdout
+    assert f"{said}: saving a checkpoint after this step" in stopped.stdout
     assert f"interrupted at step 3; resume with: peftlab train --resume {victim}" in stopped.stdout
     manifest = json.loads((victim / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"

@@ -145,10 +145,13 @@ class CheckpointMarker(TrainerCallback):
 
 
 class GracefulInterrupt(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C stops at once.
+    """First Ctrl-C (or SIGTERM, what `timeout`, batch schedulers, Kubernetes and Ray's task
+    cancellation send): finish the current step, save a checkpoint, stop. A second one stops at once.
 
-    The SIGINT handler is installed by `installed()` around training and restored in its
-    `finally`, whatever ends training."""
+    The handlers are installed by `installed()` around training and restored in its `finally`,
+    whatever ends training."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
@@ -157,23 +160,27 @@ class GracefulInterrupt(TrainerCallback):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)", flush=True)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: saving a checkpoint after this step (again to stop at once)", flush=True)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[bool]:
-        """Within the block, SIGINT asks for a graceful stop; yields whether the handler is in
-        place (only the main thread can install one: elsewhere, e.g. a Ray worker, Ctrl-C keeps
-        its default behaviour)."""
+        """Within the block, SIGINT and SIGTERM ask for a graceful stop; yields whether the handlers
+        are in place (only the main thread can install them: elsewhere, e.g. a Ray worker, the
+        signals keep their behaviour)."""
+        previous = {}
         try:
-            previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                previous[signum] = signal.signal(signum, self._handle)
         except ValueError:
             yield False
             return
         try:
             yield True
         finally:
-            if signal.getsignal(signal.SIGINT) == self._handle:  # ours: give the old one back
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                if signal.getsignal(signum) == self._handle:  # ours: give the old one back
+                    signal.signal(signum, handler)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.requested:
