@@ -46,6 +46,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "config", "config.sections", "cpu", "data", "evaluation", "methods", "model",
         "run_setup", "runs", "sizing", "reports", "errors", "cache",
     ),
+    "compare": ("config", "config.sections", "errors", "runs", "train", "sizing"),
     "cli": EVERYTHING,
     "__main__": ("cli",),
     "": (),  # the top package `peftlab` itself (__init__.py)
