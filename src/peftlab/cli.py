@@ -149,8 +149,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     state = run_sweep(sweep, progress=not args.quiet)
-    written = write_report([sweep.folder], sweep.folder / "report", force=False)
-    print(f"report: {written['summary.md']}")
+    if len(state["failed"]) < len(sweep.points):  # a report needs one finished run
+        written = write_report([sweep.folder], sweep.folder / "report", force=False)
+        print(f"report: {written['summary.md']}")
     if state["failed"]:
         print(
             f"peftlab: {len(state['failed'])} of {len(sweep.points)} points failed: {', '.join(state['failed'])}",

@@ -5,6 +5,7 @@ report's numbers equal hand computations from the run folders."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from pathlib import Path
@@ -192,3 +193,77 @@ def test_a_whole_section_axis_replaces_the_base_section(base, tmp_path):
     points = load_sweep(path).points
     assert [p.config.method.name for p in points] == ["ia3", "lora"]
     assert points[1].config.method.r == 2 and points[1].config.method.target_modules != ["q_proj", "v_proj"]
+
+
+# Imported by every Python process started with this folder on PYTHONPATH: a point's training
+# process kills itself with SIGKILL once checkpoint-N is complete, as a machine that dies would.
+KILL_HOOK = """
+import os, signal
+step = int(os.environ.get("PEFTLAB_TEST_KILL_AT", "0"))
+if step:
+    from transformers import TrainerCallback
+    from peftlab.train import recipe
+
+    class KillAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    build = recipe.build_trainer
+
+    def build_and_arm(run, model):
+        trainer = build(run, model)
+        trainer.add_callback(KillAfterCheckpoint())  # after CheckpointMarker: the checkpoint is complete
+        return trainer
+
+    recipe.build_trainer = build_and_arm
+"""
+
+
+def test_a_point_killed_mid_run_resumes_and_ends_as_an_uninterrupted_sweep(base, tmp_path, monkeypatch):
+    base = {**base, "train": {**base["train"], "save_steps": 2, "max_steps": 6}}
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    killed_sweep = write_sweep(tmp_path / "a", base, seeds=[0])
+    clean_sweep = write_sweep(tmp_path / "b", base, seeds=[0])
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("PEFTLAB_TEST_KILL_AT", "4")
+    assert main(["compare", str(killed_sweep), "--quiet"]) == 1  # the point died: recorded, not lost
+    run = next((tmp_path / "a" / "sweeps" / "s" / "runs").iterdir())
+    assert json.loads((run / "manifest.json").read_text())["status"] == "running"  # SIGKILL: no goodbye
+    assert not (run / "metrics.json").exists()
+    monkeypatch.delenv("PEFTLAB_TEST_KILL_AT")
+    assert main(["compare", str(killed_sweep), "--quiet"]) == 0  # resumed from checkpoint-4
+    assert main(["compare", str(clean_sweep), "--quiet"]) == 0
+    resumed = json.loads((run / "manifest.json").read_text())
+    assert [r["from"] for r in resumed["resumed"]] == ["checkpoint-4"]
+    clean = next((tmp_path / "b" / "sweeps" / "s" / "runs").iterdir())
+    assert run.name == clean.name  # the same point, the same key
+
+    def losses(folder: Path) -> list[float]:
+        return [
+            json.loads(ln)["loss"] for ln in (folder / "log.jsonl").read_text().splitlines() if '"loss"' in ln
+        ]
+
+    assert losses(run) == losses(clean) and len(losses(run)) == 6
+    a = json.loads((run / "metrics.json").read_text())
+    b = json.loads((clean / "metrics.json").read_text())
+    assert a["tuned"]["perplexity"] == b["tuned"]["perplexity"]
+    summary_a = (tmp_path / "a" / "sweeps" / "s" / "report" / "summary.csv").read_text()
+    summary_b = (tmp_path / "b" / "sweeps" / "s" / "report" / "summary.csv").read_text()
+    drop_time = lambda text: [  # noqa: E731 - wall times differ between any two runs
+        {
+            k: v
+            for k, v in row.items()
+            if "seconds" not in k
+            and "tokens_per_second" not in k
+            and "memory" not in k
+            and "train_seconds" not in k
+            and "pareto" not in k
+        }
+        for row in csv.DictReader(io.StringIO(text))
+    ]
+    assert drop_time(summary_a) == drop_time(summary_b)
