@@ -129,8 +129,8 @@ def saved_activation_bytes(
 @pytest.fixture(autouse=True)
 def _private_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Fast tests get their own $PEFTLAB_CACHE (tokenised data, base evaluations), so a result cached
-    by an earlier session can never stand in for one this code computes. Slow tests keep the user's
-    cache: it holds the converted SmolLM2."""
+    by an earlier session can never stand in for one this code computes. Slow tests get theirs from
+    tests/slow/slow_cache.py (an empty cache per test, the converted SmolLM2 shared per session)."""
     if request.node.get_closest_marker("slow") is None:
         monkeypatch = request.getfixturevalue("monkeypatch")
         monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path_factory.mktemp("cache")))

@@ -1,8 +1,8 @@
 """SmolLM2's own chat template: only assistant replies (each with <|im_end|>) carry loss."""
 
 import pytest
+from slow_cache import CPU_FP32, private_cache  # noqa: F401 (autouse fixture)
 
-from peftlab.config.sections import ModelConfig
 from peftlab.data.packing import IGNORE_INDEX
 from peftlab.data.templates import build_chat_prompt, tokenize_chat
 from peftlab.model.loading import load_tokenizer, resolve_source
@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_template_masks_all_but_assistant_turns():
-    tok = load_tokenizer(resolve_source(ModelConfig()), ModelConfig())
+    tok = load_tokenizer(resolve_source(CPU_FP32), CPU_FP32)
     convo = [
         {"role": "user", "content": "What is 2+2?"},
         {"role": "assistant", "content": "4."},

@@ -90,3 +90,138 @@ def test_virtual_token_positions_are_never_scored():
     ids, answers = [[1, 3], [2]], [[3, 4], [4, 4, 3]]
     want = answer_loss(BigramModel(TABLE), ids, answers, batch_size=2)
     assert answer_loss(VirtualTokens(BigramModel(TABLE)), ids, answers, batch_size=2) == want
+
+
+# --- every prompt once for all labels (packed rows) against one forward per (example, label) ---
+
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from conftest import build_tiny_llama, prepared_tiny_model  # noqa: E402
+from peftlab.evaluation.classification import label_loglikelihoods_reference, packs_labels  # noqa: E402
+
+# prompts of different lengths (the batches mix them, so rows are padded differently)
+PROMPTS = [
+    "The quick brown fox",
+    "A tiny model learns tiny things from tiny text. The cat sat on the mat and the dog",
+    "cat",
+    "Numbers like 1 2 3 appear in text and",
+    "Valkyria Chronicles is a tactical",
+]
+SINGLE = [" dog", " tiny", " sat"]
+MULTI = [" dog", " the lazy dog", " tiny text", " cat sat on the mat"]  # 1, 5, 2 and 7 tokens
+
+
+class Calls:
+    """Every forward of a model (packed or not: packed ones pass logits_to_keep) and the input
+    shape of every call of its output head."""
+
+    def __init__(self, model: torch.nn.Module, head: torch.nn.Module):
+        self.forwards: list[dict] = []
+        self.head_inputs: list[torch.Size] = []
+        model.register_forward_pre_hook(
+            lambda _m, args, kwargs: self.forwards.append(kwargs), with_kwargs=True
+        )
+        head.register_forward_pre_hook(lambda _m, args: self.head_inputs.append(args[0].shape))
+
+    def packed(self) -> list[dict]:
+        return [f for f in self.forwards if "logits_to_keep" in f]
+
+
+def token_counts(tokenizer, texts):
+    return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+@pytest.mark.parametrize("labels", ["single", "multi"])
+@pytest.mark.parametrize("length_normalise", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_packed_scores_equal_the_reference(tiny_tokenizer, tiny_model, labels, length_normalise, batch_size):
+    completions = SINGLE if labels == "single" else MULTI
+    lengths = token_counts(tiny_tokenizer, completions)
+    if labels == "single":
+        assert set(lengths) == {1}
+    else:
+        assert len(set(lengths)) == len(lengths)
+    calls = Calls(tiny_model, tiny_model.lm_head)
+    args = (tiny_model, tiny_tokenizer, PROMPTS, completions, batch_size, length_normalise)
+    packed = label_loglikelihoods(*args)
+    assert len(calls.packed()) == -(-len(PROMPTS) // batch_size)  # the packed path ran, not the fallback
+    reference = label_loglikelihoods_reference(*args)
+    assert packed.shape == (len(PROMPTS), len(completions))
+    torch.testing.assert_close(packed, reference, rtol=0, atol=1e-4)
+    assert packed.argmax(1).tolist() == reference.argmax(1).tolist()
+
+
+def test_each_prompt_runs_once_and_the_head_sees_label_positions_only(tiny_tokenizer, tiny_model):
+    calls = Calls(tiny_model, tiny_model.lm_head)
+    label_loglikelihoods(tiny_model, tiny_tokenizer, PROMPTS, MULTI, batch_size=2)
+    prompt_lengths = token_counts(tiny_tokenizer, PROMPTS)
+    tail = sum(n - 1 for n in token_counts(tiny_tokenizer, MULTI))  # every label's tokens but its last
+    packed = calls.packed()
+    # one row per example, in one forward: 3 forwards for 5 examples, 2 + 2 + 1 rows
+    assert sorted(f["input_ids"].shape[0] for f in packed) == [1, 2, 2]
+    longest_first = sorted(prompt_lengths, reverse=True)
+    for f, batch in zip(packed, [longest_first[0:2], longest_first[2:4], longest_first[4:]], strict=True):
+        assert f["input_ids"].shape[1] == max(batch) + tail  # each prompt once, then the labels
+        assert f["logits_to_keep"] == tail + 1
+    packed_heads = [
+        s for s, f in zip(calls.head_inputs, calls.forwards, strict=True) if "logits_to_keep" in f
+    ]
+    assert [s[1] for s in packed_heads] == [tail + 1] * 3  # never a prompt position but the last
+    # besides: one reference forward of a single example's K rows (the first batch's check)
+    others = [f for f in calls.forwards if "logits_to_keep" not in f]
+    assert len(others) == 1 and others[0]["input_ids"].shape[0] == len(MULTI)
+
+
+def test_packed_scores_equal_the_reference_under_lora(tiny_tokenizer):
+    model = prepared_tiny_model(
+        len(tiny_tokenizer), {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero (an adapter that changes nothing)
+            torch.nn.init.normal_(param, std=0.5)
+    assert packs_labels(model) and model.training
+    packed = label_loglikelihoods(model, tiny_tokenizer, PROMPTS, MULTI, batch_size=2)
+    assert model.training  # the mode is given back
+    reference = label_loglikelihoods_reference(model, tiny_tokenizer, PROMPTS, MULTI, batch_size=2)
+    torch.testing.assert_close(packed, reference, rtol=0, atol=1e-4)
+    with model.disable_adapter():
+        base = label_loglikelihoods(model, tiny_tokenizer, PROMPTS, MULTI, batch_size=2)
+    assert (packed - base).abs().max() > 1e-2  # the adapter was in effect
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"name": "prompt_tuning", "num_virtual_tokens": 4}, {"name": "prefix_tuning", "num_virtual_tokens": 4}],
+)
+def test_virtual_token_methods_are_scored_by_the_reference(tiny_tokenizer, method):
+    model = prepared_tiny_model(len(tiny_tokenizer), method)
+    assert not packs_labels(model)  # peft prepends virtual tokens (or keys and values) to a 2D mask only
+    scores = label_loglikelihoods(model, tiny_tokenizer, PROMPTS, MULTI, batch_size=2)
+    reference = label_loglikelihoods_reference(model, tiny_tokenizer, PROMPTS, MULTI, batch_size=2)
+    torch.testing.assert_close(scores, reference, rtol=0, atol=1e-4)
+
+
+class IgnoresCustomMask(LlamaForCausalLM):
+    """A model whose forward drops a 4D mask: packed completions would see each other and pads."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, logits_to_keep=0, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = None
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+
+def test_a_model_that_fails_the_first_batch_check_is_scored_by_the_reference(tiny_tokenizer):
+    tiny = build_tiny_llama(len(tiny_tokenizer))
+    model = IgnoresCustomMask(tiny.config).eval()
+    model.load_state_dict(tiny.state_dict())
+    calls = Calls(model, model.lm_head)
+    scores = label_loglikelihoods(model, tiny_tokenizer, PROMPTS, MULTI, batch_size=2)
+    assert len(calls.packed()) == 1  # tried once, then the reference for every example
+    reference = label_loglikelihoods_reference(model, tiny_tokenizer, PROMPTS, MULTI, batch_size=2)
+    torch.testing.assert_close(scores, reference, rtol=0, atol=1e-4)

@@ -228,13 +228,25 @@ def test_base_cache_hit_on_second_call_and_miss_when_a_setting_changes(
 
     monkeypatch.setattr(base_cache, "evaluate_model", counting)
     identity = {"fingerprint": "abc", "dtype": "float32", "load_options": {}}
-    cfg = config_for("text", tiny_run_config, tmp_path)
+    # one window holds the whole held-out text and the whole general text: each is one plain forward
+    cfg = config_for("text", tiny_run_config, tmp_path, window=256, stride=256)
     inputs = inputs_for(cfg, tiny_tokenizer)
     first, hit1 = evaluate_base(tiny_model, tiny_tokenizer, cfg, inputs, identity, progress=False)
     second, hit2 = evaluate_base(tiny_model, tiny_tokenizer, cfg, inputs, identity, progress=False)
     assert (hit1, hit2, len(calls)) == (False, True, 1)
-    assert second == first  # JSON keeps every float exactly
     assert "base evaluation: reusing cached result" in capsys.readouterr().out
+    assert second == first  # JSON keeps every float exactly
+    # and what the cache gives back is this model's score, computed here without peftlab
+    for ids, got in ((inputs.lm.ids, second), (inputs.general.ids, second["general_text"])):
+        assert 2 < len(ids) <= 256
+        with torch.no_grad():
+            logits = tiny_model(torch.tensor([ids])).logits[0, :-1]  # [N-1, V] predicts ids[1:]
+        targets = torch.tensor(ids[1:])
+        nll = torch.nn.functional.cross_entropy(logits, targets).item()
+        assert got["tokens"] == len(ids) - 1
+        assert got["mean_nll"] == pytest.approx(nll, rel=1e-5)
+        assert got["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+        assert got["correct"] == int((logits.argmax(-1) == targets).sum())
 
     changed = config_for("text", tiny_run_config, tmp_path, max_new_tokens=4)
     _, hit = evaluate_base(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,51 @@ def test_random_overrides(items: list[str]) -> None:
     only_clear_errors(action)
 
 
+# Text built from the pieces each mode cuts at (headings, sub-headings, blank lines with spaces, tabs
+# and CRs in them), mixed with arbitrary text, so that the cuts really happen.
+TEXT_PIECES = st.sampled_from(
+    [" = Title = \n", " = = Section = = \n", "\n", "\n\n", " \n\t\n", "\r\n", " ", "word", " = x = "]
+)
+documents_text = st.one_of(
+    st.text(max_size=300), st.lists(TEXT_PIECES | st.text(max_size=8), max_size=40).map("".join)
+)
+
+
+def assert_cut_at_whitespace_only(text: str, docs: list[str]) -> None:
+    """The documents lie in `text` in order, without overlap, and what lies around and between them
+    is whitespace: no character other than whitespace is dropped."""
+    pos = 0
+    for doc in docs:
+        at = text.find(doc, pos)
+        assert at >= 0 and not text[pos:at].strip(), (text, docs)
+        pos = at + len(doc)
+    assert not text[pos:].strip(), (text, docs)
+
+
 @SETTINGS
-@given(st.text(max_size=300), st.sampled_from(["file", "blank_lines", "wikitext_headings"]))
+@given(documents_text, st.sampled_from(["file", "blank_lines", "wikitext_headings"]))
 def test_document_splitting_never_loses_text(text: str, mode: str) -> None:
     docs = split_documents(text, mode)
     assert all(doc.strip() for doc in docs)
-    if mode != "blank_lines":  # other modes cut without dropping characters
-        assert "".join(docs).strip() == text.strip() or not text.strip() or "".join(docs) in text
+    if not text.strip():
+        assert docs == []
+        return
+    assert docs  # a text with any non-whitespace character gives at least one document
+    assert_cut_at_whitespace_only(text, docs)
+    if mode == "file":
+        assert docs == [text]
+    elif mode == "wikitext_headings":  # cuts between lines and drops nothing
+        assert "".join(docs) == text
+        for doc in docs[1:]:  # every later document starts at an article heading " = Title = "
+            line = doc.splitlines(keepends=True)[0].rstrip("\n")
+            assert len(line) >= 7 and line[:3] == line[-3:] == " = " and line[3] != "=", (text, docs)
+    else:  # blank_lines: cut at blank lines (spaces allowed in them), and only those are dropped
+        assert not any(re.search(r"\n\s*\n", doc) for doc in docs), docs
+        pos = text.find(docs[0]) + len(docs[0])
+        for doc in docs[1:]:  # between two documents lies a blank line
+            at = text.find(doc, pos)
+            assert re.search(r"\n\s*\n", text[pos:at]), (text, docs)
+            pos = at + len(doc)
 
 
 def test_the_valid_base_config_is_valid() -> None:
