@@ -28,8 +28,8 @@ from peftlab.train.callbacks import read_log
 
 SEED_KEY = "train.seed"
 # Settings that may differ between compared runs without making them incomparable: what the sweep
-# derives per run (steps from the equal token budget) and where the run lives.
-DERIVED = ("train.max_steps", "output.dir", "output.name")
+# derives per run (steps from the equal token budget), where the run lives and what it reports to.
+DERIVED = ("train.max_steps", "output.dir", "output.name", "train.report_to", "train.tracker_group")
 
 
 @dataclass

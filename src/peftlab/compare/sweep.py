@@ -85,7 +85,7 @@ class Point:
     """One run of the sweep: its settings on the axes, its seed, and its resolved config."""
 
     name: str  # run folder name: readable settings + the key
-    key: str  # hash of the resolved config (without output): stable across reruns
+    key: str  # hash of the resolved config (without output and trackers): stable across reruns
     settings: dict[str, Any]  # axis key -> value (seed included as train.seed)
     config: RunConfig
 
@@ -244,9 +244,13 @@ def _point(base: dict[str, Any], settings: dict[str, Any], budget: int, folder: 
     resolved = cfg.model_dump(mode="json")
     resolved["train"]["max_steps"] = budget // per_step
     resolved.pop("output")
+    # where a run reports is no part of what it trains: the key leaves the trackers out
+    trackers = {k: resolved["train"].pop(k) for k in ("report_to", "tracker_group")}
     key = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
     name = f"{_slug(settings)}-{key}"
     resolved["output"] = {"dir": str(folder / "runs"), "name": name}
+    # trackers group a sweep's runs under its name (a W&B group, an MLflow experiment)
+    resolved["train"].update(trackers, tracker_group=trackers["tracker_group"] or folder.name)
     return Point(name, key, dict(settings), validate_config(resolved))
 
 

@@ -213,6 +213,38 @@ class TrainConfig(Section):
         "so the masked half is skipped (PyTorch's CPU kernel computes it); the same values to float "
         "rounding.",
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list,
+        description="Experiment trackers the Trainer reports to (a name or a list; none or []: none). "
+        "TensorBoard events go to <run>/tensorboard and wandb's files to <run>/wandb, with the run "
+        "config and the final metrics; offline wandb is WANDB_MODE=offline, the user's choice.",
+    )
+    tracker_group: str | None = Field(
+        None,
+        description="Groups runs in the trackers: the W&B group, the MLflow experiment, the Trackio "
+        "project. A sweep sets its name; TensorBoard groups by folder (--logdir the sweep folder).",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: object) -> object:
+        """`wandb` means [wandb]; `none`, [none] and null mean no tracker; each tracker once."""
+        if value is None or value == "none" or value == ["none"]:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            if "none" in value:
+                raise ValueError("'none' cannot be listed with trackers; use none or [] for no tracker")
+            return list(dict.fromkeys(value))
+        return value
+
+    @field_validator("tracker_group")
+    @classmethod
+    def _group_named(cls, group: str | None) -> str | None:
+        if group is not None and not group.strip():
+            raise ValueError("is empty; use null for no group")
+        return group
 
 
 DEFAULT_FORGETTING_TEXT = "../shared/data/wikitext-2-raw-v1/wiki.test.raw"

@@ -9,6 +9,9 @@ the same batches in the same order. When: every `train.eval_steps` steps; unset,
 saved one with the lowest eval_loss; transformers only knows it when evaluation and saving happen
 at the same step, hence the rule in config/run.py that eval_steps equals save_steps when both are
 set. transformers' own checkpoint rotation is off (callbacks.KeepNewestAndBest rotates instead).
+
+Trackers: `train.report_to` goes to the Trainer as it is, with the run folder's name as `run_name`
+and `train.tracker_group` as Trackio's `project`; train/trackers.py places and groups the rest.
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ def training_arguments(
         gradient_checkpointing=t.gradient_checkpointing,
         bf16=dtype == torch.bfloat16 and device.type == "cuda",
         use_cpu=device.type == "cpu",
-        report_to=[],
+        report_to=list(t.report_to),  # train/trackers.py: where each tracker writes, group, config
+        run_name=run_dir.name,
+        project=t.tracker_group or "peftlab",  # Trackio's project (transformers uses it for nothing else)
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         remove_unused_columns=False,

@@ -8,6 +8,7 @@
     trained = train_model(run, trainer) Trainer.train, within the scoped speed-ups
     score_tuned_model(run, model)       the same evaluation of the tuned model, forgetting, samples
     write_results(run, model, trained)  adapter or model, metrics.json, plots
+    (the last three within the trackers of train.report_to, which get the final metrics: trackers.py)
 
 The method supplies whatever differs (methods/registry.py MethodSpec); nothing here tests a
 method's name. The run's state travels in one `Run` record; manifest.json and metrics.json are
@@ -52,6 +53,7 @@ from peftlab.runs import (
 )
 from peftlab.sizing.plan import Plan, must_release_memory, preflight
 from peftlab.sizing.resources import ResourceMonitor, gib, parameter_bytes
+from peftlab.train import trackers
 from peftlab.train.arguments import training_arguments
 from peftlab.train.callbacks import (
     CheckpointMarker,
@@ -118,9 +120,11 @@ def train(
         score_base_model(run, model)
         model = prepare_model(run, model)
         trainer = build_trainer(run, model)
-        trained = train_model(run, trainer)
-        score_tuned_model(run, model)
-        write_results(run, model, trainer, trained)
+        with trackers.reporting(cfg, run.folder.path, trainer) as report:  # train.report_to
+            trained = train_model(run, trainer)
+            score_tuned_model(run, model)
+            write_results(run, model, trainer, trained)
+            report(run.metrics)
     except BaseException as exc:
         mark_stopped(run.folder, exc)
         raise
@@ -131,6 +135,7 @@ def train(
 def start_run(cfg: RunConfig, progress: bool, resume_dir: Path | None, force: bool) -> Run:
     """Everything that can fail on bad input, before a run folder exists; then the folder."""
     checkpoint = checkpoint_to_resume(resume_dir) if resume_dir is not None else None
+    trackers.check_installed(cfg.train.report_to)
     if resume_dir is None:
         check_output_dir(cfg.output.dir)  # a bad output folder fails before any work
     spec = get_method(cfg.method.name)
