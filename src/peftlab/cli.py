@@ -140,15 +140,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from peftlab.compare.executors import run_sweep
+    import functools
+
+    from peftlab.compare.executors import Executor, run_local, run_sweep
+    from peftlab.compare.on_ray import check_address, require_ray, run_ray
     from peftlab.compare.report import write_report
     from peftlab.compare.sweep import dry_run_table, load_sweep
 
+    ray_options = {
+        "--address": args.address,
+        "--cpus-per-point": args.cpus_per_point,
+        "--gpus-per-point": args.gpus_per_point,
+    }
+    if args.executor == "local" and any(v is not None for v in ray_options.values()):
+        given = next(k for k, v in ray_options.items() if v is not None)
+        raise PeftlabError(f"{given} is an option of the Ray executor: add --executor ray")
     sweep = load_sweep(args.sweep, args.overrides)
     print(dry_run_table(sweep))
     if args.dry_run:
         return 0
-    state = run_sweep(sweep, progress=not args.quiet)
+    executor: Executor = run_local
+    if args.executor == "ray":
+        require_ray()  # not installed, or the cluster unreachable: one line before the sweep folder exists
+        if args.address is not None:
+            check_address(args.address)
+        executor = functools.partial(
+            run_ray,
+            address=args.address,
+            cpus_per_point=1.0 if args.cpus_per_point is None else args.cpus_per_point,
+            gpus_per_point=0.0 if args.gpus_per_point is None else args.gpus_per_point,
+        )
+    state = run_sweep(sweep, executor, progress=not args.quiet)
     if len(state["failed"]) < len(sweep.points):  # a report needs one finished run
         written = write_report([sweep.folder], sweep.folder / "report", force=False)
         print(f"report: {written['summary.md']}")
@@ -235,6 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="overrides of the base run config, e.g. data.sample=200")
     p.add_argument("--dry-run", action="store_true", help="print the expanded runs and stop")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: one run after another (default); ray: each run a Ray task, as many at once as "
+        "the cluster's CPUs/GPUs allow (needs peftlab[dist])",
+    )
+    p.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="with --executor ray: an existing Ray cluster (HOST:PORT or ray://HOST:PORT; the sweep "
+        "folder must be a path every node shares); default: a local Ray instance for the sweep",
+    )
+    p.add_argument(
+        "--cpus-per-point", type=float, metavar="N", help="with --executor ray: CPUs per run (default 1)"
+    )
+    p.add_argument(
+        "--gpus-per-point", type=float, metavar="N", help="with --executor ray: GPUs per run (default 0)"
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="tables, plots and findings from run folders or a sweep folder")

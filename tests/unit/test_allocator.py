@@ -45,8 +45,10 @@ def test_a_user_setting_is_kept():
 
 def test_importing_peftlab_changes_no_environment_variable_and_the_command_gives_it_back():
     code = (
-        "import os\nbefore = dict(os.environ)\n"
-        "import peftlab, peftlab.cli, peftlab.train.recipe, peftlab.evaluation.saved_run\n"
+        # the libraries first: importing peft imports torch._dynamo, which sets TORCHINDUCTOR_CACHE_DIR
+        # (torch's own doing, listed in docs/architecture.md); what peftlab's modules add must be nothing
+        "import os\nimport torch, transformers, peft\nbefore = dict(os.environ)\n"
+        "import peftlab, peftlab.cli, peftlab.train.recipe, peftlab.evaluation.saved_run, peftlab.compare.executors\n"
         "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n"
         "from peftlab.cpu.huge_pages import for_this_command, in_effect\n"
         "with for_this_command() as set_here:\n"

@@ -6,6 +6,10 @@ memory figure is its own and no process-wide setting of one run (glibc's malloc 
 huge-page allocation) leaks into the next. `sweep.json` in the sweep folder lists the points and
 their state; it is rewritten atomically after each point, so a sweep killed at any moment and
 started again picks up where it was, with nothing counted twice.
+
+Two executors: `run_local` (one point after another on this machine) and `on_ray.run_ray` (each point a
+Ray task on a fresh worker, as many at once as the cluster's CPUs allow, on a local Ray instance or
+an existing cluster). Both run the same child command, so they give the same run folders.
 """
 
 from __future__ import annotations
@@ -66,30 +70,31 @@ def check_folder_is_this_sweeps(sweep: Sweep) -> None:
         )
 
 
-def point_command(point: Point, sweep: Sweep) -> list[str]:
-    """The command that trains (or resumes) `point` in a process of its own."""
-    run_dir = sweep.folder / "runs" / point.name
+def point_command(point: Point, folder: Path) -> list[str]:
+    """The command that trains (or resumes) `point` of the sweep in `folder` in a process of its own."""
+    run_dir = folder / "runs" / point.name
     state = point_state(run_dir)
     if state == "resumable":
         return [sys.executable, "-m", "peftlab", "train", "--resume", str(run_dir), "--quiet"]
     if state == "broken":  # killed before its first checkpoint: nothing to resume, start again
         shutil.rmtree(run_dir)
-    config = sweep.folder / "points" / f"{point.name}.yaml"
+    config = folder / "points" / f"{point.name}.yaml"
     atomic_write_text(config, point.config.to_yaml())
     return [sys.executable, "-m", "peftlab", "train", str(config), "--quiet"]
 
 
-def run_point(point: Point, sweep: Sweep, log: Path) -> PointResult:
-    """Train one point in a child process; its output goes to `log` (appended)."""
-    if point_state(sweep.folder / "runs" / point.name) == "completed":
+def run_point(point: Point, folder: Path, log: Path, cwd: Path | None = None) -> PointResult:
+    """Train one point of the sweep in `folder` in a child process (in `cwd`, default this process's
+    working folder); its output goes to `log` (appended)."""
+    if point_state(folder / "runs" / point.name) == "completed":
         return PointResult(point.name, "skipped")
-    command = point_command(point, sweep)
+    command = point_command(point, folder)
     started = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as out:
         out.write(f"\n== {now_iso()} {' '.join(command)}\n")
         out.flush()
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False, cwd=cwd).returncode
     seconds = time.perf_counter() - started
     if code == 0:
         return PointResult(point.name, "completed", seconds=seconds)
@@ -108,7 +113,7 @@ Executor = Callable[[Sweep, Callable[[PointResult], None]], None]
 def run_local(sweep: Sweep, report: Callable[[PointResult], None]) -> None:
     """One point after another in this machine's processes."""
     for point in sweep.points:
-        report(run_point(point, sweep, sweep.folder / "logs" / f"{point.name}.log"))
+        report(run_point(point, sweep.folder, sweep.folder / "logs" / f"{point.name}.log"))
 
 
 def run_sweep(sweep: Sweep, executor: Executor = run_local, progress: bool = True) -> dict[str, Any]:
