@@ -18,21 +18,12 @@ from peftlab.cli import main
 from peftlab.compare.report import pareto_front
 from peftlab.compare.sweep import load_sweep
 from peftlab.errors import ConfigError
-
-
-def write_sweep(tmp_path: Path, base: dict[str, Any], **sweep: Any) -> Path:
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"base": base, "output": str(tmp_path / "sweeps"), "name": "s", **sweep}))
-    return path
+from sweep_helpers import sweep_base, write_sweep
 
 
 @pytest.fixture()
 def base(tiny_run_config: dict[str, Any]) -> dict[str, Any]:
-    cfg = dict(tiny_run_config)
-    cfg.pop("output")
-    cfg["eval"] = {**cfg["eval"], "sample_prompts": [], "forgetting_path": None}
-    cfg["train"] = {**cfg["train"], "max_steps": 4, "batch_size": 2}
-    return cfg
+    return sweep_base(tiny_run_config)
 
 
 def test_expansion_products_pairs_seeds_and_equal_budgets(base, tmp_path):

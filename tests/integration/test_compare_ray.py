@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from peftlab.cli import main
 from peftlab.compare.on_ray import ray_slots, result_files, train_point_task, write_result_files
 from peftlab.compare.report import write_report
 from peftlab.compare.sweep import load_sweep
 from peftlab.errors import PeftlabError
+from sweep_helpers import sweep_base, write_sweep
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None,
@@ -29,20 +29,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def write_sweep(folder: Path, base: dict[str, Any], **sweep: Any) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"base": base, "output": str(folder / "sweeps"), "name": "s", **sweep}))
-    return path
-
-
 @pytest.fixture()
 def base(tiny_run_config: dict[str, Any]) -> dict[str, Any]:
-    cfg = dict(tiny_run_config)
-    cfg.pop("output")
-    cfg["eval"] = {**cfg["eval"], "sample_prompts": [], "forgetting_path": None}
-    cfg["train"] = {**cfg["train"], "max_steps": 4, "batch_size": 2}
-    return cfg
+    return sweep_base(tiny_run_config)
 
 
 def losses(run: Path) -> list[float]:

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from peftlab.config.loading import deep_merge, parse_overrides, read_yaml, validate_config
+from peftlab.config.loading import UniqueKeyLoader, deep_merge, parse_overrides, read_yaml, validate_config
 from peftlab.config.run import RunConfig
 from peftlab.errors import ConfigError
 
@@ -104,40 +104,21 @@ class Sweep:
     points: tuple[Point, ...]
 
 
-class _KeysAsTuples(yaml.SafeLoader):
-    """YAML whose flow-sequence mapping keys (`[method.r, method.alpha]: ...`) load as tuples."""
+class _SweepLoader(UniqueKeyLoader):
+    """The config loader (duplicate keys refused), where a flow-sequence key
+    (`[method.r, method.alpha]: ...`, a paired axis) reads as the comma-joined string "method.r,method.alpha"."""
 
-
-def _mapping_with_sequence_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    pairs = []
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        pairs.append(
-            (tuple(key) if isinstance(key, list) else key, loader.construct_object(value_node, deep=True))
-        )
-    return dict(pairs)
-
-
-_KeysAsTuples.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_with_sequence_keys)
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        for i, (key_node, value_node) in enumerate(node.value):
+            if isinstance(key_node, yaml.SequenceNode):
+                joined = ",".join(str(self.construct_object(k)) for k in key_node.value)
+                key = yaml.ScalarNode("tag:yaml.org,2002:str", joined, key_node.start_mark, key_node.end_mark)
+                node.value[i] = (key, value_node)
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_sweep_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_KeysAsTuples)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(
-            f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
-        ) from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path} must hold a mapping with base, axes and seeds")
-    axes = loaded.get("axes") or {}
-    if isinstance(axes, dict):  # paired keys as one comma-joined string for pydantic
-        loaded["axes"] = {",".join(k) if isinstance(k, tuple) else k: v for k, v in axes.items()}
-    return loaded
+    return read_yaml(path, loader=_SweepLoader, kind="sweep", holds="a mapping with base, axes and seeds")
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:

@@ -78,12 +78,18 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(
+    path: str | Path,
+    loader: type[UniqueKeyLoader] = UniqueKeyLoader,
+    kind: str = "config",
+    holds: str = "a mapping of sections (model, data, method, ...)",
+) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every problem is one ConfigError line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{kind} file not found: {path}")
     try:
-        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -94,7 +100,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (model, data, method, ...)")
+        raise ConfigError(f"{path} must hold {holds}")
     return loaded
 
 
