@@ -29,8 +29,8 @@ from typing import Any
 
 from peftlab.cache import cache_dir
 from peftlab.model.loading import ModelSource
+from peftlab.model.loading import file_sha256 as content_sha256  # one hashing loop for weights and GGUFs
 
-CHUNK = 8 << 20
 RACY_NS = 2_000_000_000  # coarser than any filesystem's timestamp granularity (FAT: 2 s)
 # Files beside the weights that change what the model computes or how its output is read.
 META_FILES = (
@@ -48,17 +48,6 @@ META_FILES = (
 )
 GGUF_RECORD = "peftlab_source.json"  # written by loading.converted_gguf_folder
 _PINNED = re.compile(r"hub:[^@]+@[0-9a-f]{40}(:.*)?")
-
-
-def content_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read CHUNK bytes at a time."""
-    digest = hashlib.sha256()
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
-    with path.open("rb", buffering=0) as handle:
-        while size := handle.readinto(view):
-            digest.update(view[:size])
-    return digest.hexdigest()
 
 
 def _stat_key(stat: os.stat_result) -> dict[str, int]:

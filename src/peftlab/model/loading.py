@@ -138,11 +138,13 @@ def resolve_source(cfg: ModelConfig, weights: bool = True) -> ModelSource:
     return ModelSource(name, f"hub {name}", gguf_file=cfg.gguf_file)
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+    """sha256 of a file's bytes, read `chunk` bytes at a time into one reused buffer."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+    view = memoryview(bytearray(chunk))
+    with path.open("rb", buffering=0) as handle:
+        while size := handle.readinto(view):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 
